@@ -1,0 +1,466 @@
+"""Pre-training and knowledge-transfer losses (spec §8).
+
+Pure functions on arrays: they know model outputs and batches, nothing about optimisers, steps
+or stages. Every loss is computed in float32 whatever the input dtype, because the student's
+feature maps reach 1e7-1e8 (spec §13.4) and bf16 squares of those lose all precision.
+
+Teacher inputs are always wrapped in `stop_gradient`, so a caller may differentiate a loss with
+respect to a tree that contains the teacher without moving it.
+
+Padding: the official codes average every knowledge-transfer term over all positions, padded
+ones included (spec §8.2, §14.9). That is the default here (`over='all'`, `mask=None`);
+averaging over real tokens only is an option.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+Array = jax.Array
+
+# TF1 `tf.contrib.layers.layer_norm` epsilon, used by the parameter-free normalisation of FMT.
+LAYER_NORM_EPS = 1e-12
+# BERT's `masked_lm_weights` denominator guard (TF1 `run_pretraining.py`).
+MLM_WEIGHT_EPS = 1e-5
+
+TRANSFER_TERMS = ("fmt", "at", "mean", "var")
+ATTENTION_KINDS = ("ce", "kl")
+AVERAGE_OVER = ("all", "real")
+
+# Keys `transfer_losses` reads from its config, with the official TF1 behaviour as default.
+TRANSFER_DEFAULTS: dict[str, Any] = {
+    "normalize_features": True,    # FMT on LN0-standardised features (official); False = raw MSE
+    "feature_over": "all",         # FMT and mean/var averaged over 'all' positions or 'real' tokens
+    "attention_over": "all",       # AT averaged over 'all' query rows or 'real' ones
+    "attention_kind": "ce",        # 'ce' = official cross-entropy; 'kl' = true KL (0 when equal)
+    "tf1_all_layer_stats": False,  # teacher mean/var from all teacher outputs (TF1 quirk, §8.2)
+    "num_student_layers": None,    # full model depths for `layer_map`; None = infer from outputs
+    "num_teacher_layers": None,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+
+def _f32(x: Array) -> Array:
+  return jnp.asarray(x, jnp.float32)
+
+
+def _teacher_f32(x: Array) -> Array:
+  return jax.lax.stop_gradient(_f32(x))
+
+
+def _require_same_shape(student: Array, teacher: Array, what: str) -> None:
+  if jnp.shape(student) != jnp.shape(teacher):
+    raise ValueError(f"{what}: student shape {jnp.shape(student)} != teacher shape "
+                     f"{jnp.shape(teacher)}")
+
+
+def _require_rank(x: Array, rank: int, what: str) -> None:
+  if jnp.ndim(x) != rank:
+    raise ValueError(f"{what} must have rank {rank}, got shape {jnp.shape(x)}")
+
+
+def _require_choice(value: str, choices: Sequence[str], what: str) -> None:
+  if value not in choices:
+    raise ValueError(f"{what} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _safe_divide(numerator: Array, denominator: Array) -> Array:
+  """numerator / denominator, 0 where the denominator is 0 (an all-padding batch has no tokens)."""
+  safe = jnp.where(denominator > 0, denominator, 1.0)
+  return jnp.where(denominator > 0, numerator / safe, 0.0)
+
+
+def _weighted_mean(values: Array, weights: Array | None) -> Array:
+  """Mean of `values`; with `weights` (broadcastable to values) a weighted mean."""
+  if weights is None:
+    return jnp.mean(values)
+  weights = jnp.broadcast_to(_f32(weights), values.shape)
+  return _safe_divide(jnp.sum(values * weights), jnp.sum(weights))
+
+
+def _token_mask(mask: Array | None, hidden: Array, what: str) -> Array | None:
+  """Checks a [B, T] token mask against hidden states [..., B, T, D]."""
+  if mask is None:
+    return None
+  if jnp.shape(mask) != jnp.shape(hidden)[-3:-1]:
+    raise ValueError(f"{what}: mask shape {jnp.shape(mask)} does not match the [batch, seq] "
+                     f"axes {jnp.shape(hidden)[-3:-1]} of the hidden states")
+  return _f32(mask)
+
+
+def _xlogy_where_positive(p: Array, log_q: Array) -> Array:
+  """p * log_q with 0 wherever p == 0.
+
+  Masked keys carry probability 0 and a huge negative log-probability; the product is 0
+  mathematically but would be NaN if a mask ever produced -inf. Selecting 0 also keeps the
+  gradient finite, as the unselected branch's cotangent is 0.
+  """
+  return jnp.where(p > 0, p * log_q, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pre-training losses
+# ----------------------------------------------------------------------------------------------
+
+def _label_log_prob(log_probs: Array, labels: Array) -> Array:
+  return jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def _check_mlm_inputs(logits: Array, labels: Array, weights: Array) -> None:
+  _require_rank(logits, 3, "MLM logits [batch, predictions, vocab]")
+  if jnp.shape(labels) != jnp.shape(logits)[:2]:
+    raise ValueError(f"MLM labels shape {jnp.shape(labels)} != logits' [batch, predictions] "
+                     f"{jnp.shape(logits)[:2]}")
+  if jnp.shape(weights) != jnp.shape(labels):
+    raise ValueError(f"MLM weights shape {jnp.shape(weights)} != labels shape "
+                     f"{jnp.shape(labels)}")
+
+
+def _weighted_accuracy(predictions: Array, labels: Array, weights: Array) -> Array:
+  correct = (predictions == labels).astype(jnp.float32)
+  return _safe_divide(jnp.sum(weights * correct), jnp.sum(weights))
+
+
+def mlm_loss(logits: Array, labels: Array, weights: Array) -> tuple[Array, Array]:
+  """Masked-LM cross-entropy as BERT: sum(w * CE) / (sum(w) + 1e-5), and weighted accuracy.
+
+  logits [B, P, V] at the masked positions, labels [B, P] token ids, weights [B, P]
+  (`masked_lm_weights`: 1 for a real prediction, 0 for padding slots).
+  """
+  _check_mlm_inputs(logits, labels, weights)
+  weights = _f32(weights)
+  log_probs = jax.nn.log_softmax(_f32(logits), axis=-1)
+  per_position = -_label_log_prob(log_probs, labels)
+  loss = jnp.sum(weights * per_position) / (jnp.sum(weights) + MLM_WEIGHT_EPS)
+  accuracy = _weighted_accuracy(jnp.argmax(logits, axis=-1), labels, weights)
+  return loss, accuracy
+
+
+def nsp_loss(logits: Array, labels: Array) -> tuple[Array, Array]:
+  """Next-sentence cross-entropy (mean over the batch) and accuracy.
+
+  logits [B, 2]; labels [B] with 0 = B continues A, 1 = random (BERT convention).
+  """
+  _require_rank(logits, 2, "NSP logits [batch, 2]")
+  if jnp.shape(labels) != jnp.shape(logits)[:1]:
+    raise ValueError(f"NSP labels shape {jnp.shape(labels)} != batch {jnp.shape(logits)[:1]}")
+  log_probs = jax.nn.log_softmax(_f32(logits), axis=-1)
+  loss = -jnp.mean(_label_log_prob(log_probs, labels))
+  accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+  return loss, accuracy
+
+
+def distillation_mlm_loss(student_logits: Array, teacher_logits: Array, labels: Array,
+                          weights: Array, *, alpha: float = 0.5,
+                          temperature: float = 1.0) -> tuple[Array, dict[str, Array]]:
+  """PD-stage MLM loss (spec §8.3): CE against y = alpha*onehot + (1-alpha)*softmax(teacher).
+
+  loss = sum(w * CE(y, student)) / (sum(w) + 1e-5)
+       = alpha * ground_truth_ce + (1 - alpha) * kd_ce      (both with the same denominator).
+
+  Temperature. TF1 multiplies the teacher's final *hidden state* by T before its MLM head;
+  because the head's transform ends in a LayerNorm this is not a logit rescaling, and the caller
+  must do it before computing `teacher_logits` if it wants TF1's behaviour. Here `temperature`
+  is the standard one: teacher logits are divided by it before the softmax (student logits are
+  left alone and there is no T^2 factor, matching TF1's one-sided use). At T = 1 (README value)
+  both readings are the identity.
+
+  Returns (loss, metrics) with metrics:
+    ground_truth_ce: weighted CE against the labels (BERT's masked_lm_loss);
+    kd_ce:           weighted CE against the teacher distribution (KL + teacher entropy);
+    kd_kl:           weighted KL(teacher || student), the paper's L_KD (0 when they agree);
+    accuracy:        student top-1 vs labels; agreement: student vs teacher top-1 (weighted).
+  """
+  _check_mlm_inputs(student_logits, labels, weights)
+  _require_same_shape(student_logits, teacher_logits, "MLM distillation logits")
+  if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"alpha (ground-truth ratio) must be in [0, 1], got {alpha}")
+  if isinstance(temperature, (int, float)) and not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  weights = _f32(weights)
+  denominator = jnp.sum(weights) + MLM_WEIGHT_EPS
+
+  student_log_probs = jax.nn.log_softmax(_f32(student_logits), axis=-1)
+  teacher_log_probs = jax.nn.log_softmax(_teacher_f32(teacher_logits) / temperature, axis=-1)
+  teacher_probs = jnp.exp(teacher_log_probs)
+
+  gt_per_position = -_label_log_prob(student_log_probs, labels)
+  kd_per_position = -jnp.sum(_xlogy_where_positive(teacher_probs, student_log_probs), axis=-1)
+  teacher_entropy = -jnp.sum(_xlogy_where_positive(teacher_probs, teacher_log_probs), axis=-1)
+
+  ground_truth_ce = jnp.sum(weights * gt_per_position) / denominator
+  kd_ce = jnp.sum(weights * kd_per_position) / denominator
+  kd_kl = jnp.sum(weights * (kd_per_position - teacher_entropy)) / denominator
+  loss = alpha * ground_truth_ce + (1.0 - alpha) * kd_ce
+
+  student_top1 = jnp.argmax(student_logits, axis=-1)
+  metrics = {
+      "ground_truth_ce": ground_truth_ce,
+      "kd_ce": kd_ce,
+      "kd_kl": kd_kl,
+      "accuracy": _weighted_accuracy(student_top1, labels, weights),
+      "agreement": _weighted_accuracy(student_top1, jnp.argmax(teacher_logits, axis=-1),
+                                      weights),
+  }
+  return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Knowledge-transfer losses (one layer each)
+# ----------------------------------------------------------------------------------------------
+
+def token_moments(hidden: Array) -> tuple[Array, Array]:
+  """Per-token mean and population variance over the feature axis (TF1 `tf.nn.moments`)."""
+  hidden = _f32(hidden)
+  mean = jnp.mean(hidden, axis=-1)
+  variance = jnp.mean(jnp.square(hidden - mean[..., None]), axis=-1)
+  return mean, variance
+
+
+def parameter_free_layer_norm(hidden: Array, eps: float = LAYER_NORM_EPS) -> Array:
+  """LayerNorm with gamma=1, beta=0 (TF1's `layer_norm` on a fresh scope, eps 1e-12)."""
+  mean, variance = token_moments(hidden)
+  return (_f32(hidden) - mean[..., None]) * jax.lax.rsqrt(variance[..., None] + eps)
+
+
+def feature_map_loss(student_h: Array, teacher_h: Array, *, normalize: bool = True,
+                     mask: Array | None = None) -> Array:
+  """Feature-map transfer: mean over B, T, D of (LN0(teacher) - LN0(student))^2.
+
+  `normalize=False` gives the plain MSE of the raw features (the paper's formula). `mask` [B, T]
+  (1 = real token) averages over real tokens only; None averages over all positions (official).
+  """
+  _require_rank(student_h, 3, "student hidden states [batch, seq, hidden]")
+  _require_same_shape(student_h, teacher_h, "feature map transfer")
+  token_weights = _token_mask(mask, student_h, "feature map transfer")
+  if normalize:
+    student, teacher = parameter_free_layer_norm(student_h), parameter_free_layer_norm(
+        jax.lax.stop_gradient(teacher_h))
+  else:
+    student, teacher = _f32(student_h), _teacher_f32(teacher_h)
+  per_token = jnp.mean(jnp.square(teacher - student), axis=-1)
+  return _weighted_mean(per_token, token_weights)
+
+
+def _moment_discrepancy(student_stats: tuple[Array, Array], teacher_stats: tuple[Array, Array],
+                        token_weights: Array | None) -> tuple[Array, Array]:
+  """beta = mean (mu_t - mu_s)^2, gamma = mean |var_t - var_s|.
+
+  Teacher statistics may carry extra leading axes (one entry per teacher layer); they broadcast
+  against the student's [B, T], so the averages also run over those axes (TF1 quirk).
+  """
+  student_mean, student_var = student_stats
+  teacher_mean, teacher_var = (jax.lax.stop_gradient(s) for s in teacher_stats)
+  beta_per_token = jnp.square(teacher_mean - student_mean)
+  gamma_per_token = jnp.abs(teacher_var - student_var)
+  return (_weighted_mean(beta_per_token, token_weights),
+          _weighted_mean(gamma_per_token, token_weights))
+
+
+def mean_variance_loss(student_h: Array, teacher_h: Array, *,
+                       mask: Array | None = None) -> tuple[Array, Array]:
+  """Per-layer mean/variance transfer (project default, spec §1.2): returns (beta, gamma).
+
+  beta = mean over tokens of (mu_teacher - mu_student)^2; gamma = mean of |var_t - var_s|,
+  with per-token mean / population variance over the feature axis.
+  """
+  _require_rank(student_h, 3, "student hidden states [batch, seq, hidden]")
+  _require_same_shape(student_h, teacher_h, "mean/variance transfer")
+  token_weights = _token_mask(mask, student_h, "mean/variance transfer")
+  return _moment_discrepancy(token_moments(student_h), token_moments(teacher_h), token_weights)
+
+
+def stacked_token_moments(hidden_states: Sequence[Array] | Array) -> tuple[Array, Array]:
+  """Moments of every hidden state, stacked to [L, B, T], without stacking the [B, T, D] inputs."""
+  if isinstance(hidden_states, (list, tuple)):
+    if not hidden_states:
+      raise ValueError("need at least one teacher hidden state")
+    moments = [token_moments(h) for h in hidden_states]
+    return jnp.stack([m for m, _ in moments]), jnp.stack([v for _, v in moments])
+  _require_rank(hidden_states, 4, "stacked teacher hidden states [layers, batch, seq, hidden]")
+  return token_moments(hidden_states)
+
+
+def mean_variance_loss_all_teacher_layers(
+    student_h: Array, teacher_hidden_states: Sequence[Array] | Array, *,
+    mask: Array | None = None) -> tuple[Array, Array]:
+  """TF1's mean/variance transfer (spec §8.2 quirk): teacher statistics come from ALL teacher
+  outputs (embedding output included, stacked [Lt+1, B, T, D] or given as a sequence) and are
+  broadcast against the student layer's, so beta/gamma average the discrepancy over every
+  teacher output instead of comparing with the matching layer.
+  """
+  _require_rank(student_h, 3, "student hidden states [batch, seq, hidden]")
+  teacher_stats = stacked_token_moments(teacher_hidden_states)
+  if teacher_stats[0].shape[1:] != jnp.shape(student_h)[:2]:
+    raise ValueError(f"mean/variance transfer: teacher [batch, seq] {teacher_stats[0].shape[1:]}"
+                     f" != student {jnp.shape(student_h)[:2]}")
+  token_weights = _token_mask(mask, student_h, "mean/variance transfer")
+  return _moment_discrepancy(token_moments(student_h), teacher_stats, token_weights)
+
+
+def attention_loss(student_scores: Array, teacher_scores: Array, *,
+                   attention_mask: Array | None = None, over: str = "all",
+                   kind: str = "ce") -> Array:
+  """Attention transfer on masked pre-softmax scores [B, N, F, T] (F queries, T keys).
+
+  kind='ce' (official TF1/TF2): mean over B, N, F of sum_T -softmax(teacher) * log_softmax(student);
+    equals KL(teacher || student) + H(teacher), so it has the KL's gradient but is not 0 at a
+    perfect match.
+  kind='kl': the true KL divergence (teacher entropy subtracted), 0 when the maps are equal.
+  over='all' averages over every query row (official); over='real' only over real query rows,
+    which needs `attention_mask` [B, F] (1 = real token).
+  Masked keys must carry a large *finite* negative score (spec §1.1); 0 * log(tiny) terms are
+  forced to 0 so even -inf would not produce NaN.
+  """
+  _require_choice(over, AVERAGE_OVER, "attention loss 'over'")
+  _require_choice(kind, ATTENTION_KINDS, "attention loss 'kind'")
+  _require_rank(student_scores, 4, "student attention scores [batch, heads, queries, keys]")
+  _require_same_shape(student_scores, teacher_scores, "attention transfer (heads must match)")
+  row_weights = None
+  if over == "real":
+    if attention_mask is None:
+      raise ValueError("attention loss over='real' needs attention_mask [batch, seq]")
+    batch, _, queries, _ = jnp.shape(student_scores)
+    if jnp.shape(attention_mask) != (batch, queries):
+      raise ValueError(f"attention_mask shape {jnp.shape(attention_mask)} != [batch, queries] "
+                       f"{(batch, queries)}")
+    row_weights = _f32(attention_mask)[:, None, :]
+
+  student_log_probs = jax.nn.log_softmax(_f32(student_scores), axis=-1)
+  teacher_log_probs = jax.nn.log_softmax(_teacher_f32(teacher_scores), axis=-1)
+  teacher_probs = jnp.exp(teacher_log_probs)
+  per_row = -jnp.sum(_xlogy_where_positive(teacher_probs, student_log_probs), axis=-1)
+  if kind == "kl":
+    per_row = per_row + jnp.sum(_xlogy_where_positive(teacher_probs, teacher_log_probs), axis=-1)
+  return _weighted_mean(per_row, row_weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer mapping and per-layer transfer terms
+# ----------------------------------------------------------------------------------------------
+
+def layer_map(num_student_layers: int, num_teacher_layers: int) -> tuple[int, ...]:
+  """Teacher hidden-state index (1-based; 0 is the embedding output) for student layers 1..Ls.
+
+  Identity for equal depths; for a shallower student, layer i -> round(i * Lt / Ls), so the
+  last student layer always learns from the last teacher layer. Ties round up, which keeps the
+  map strictly increasing.
+  """
+  for name, value in (("num_student_layers", num_student_layers),
+                      ("num_teacher_layers", num_teacher_layers)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  if num_student_layers > num_teacher_layers:
+    raise ValueError(f"student has more layers ({num_student_layers}) than the teacher "
+                     f"({num_teacher_layers}): no layer-to-layer transfer map exists")
+  return tuple((2 * i * num_teacher_layers + num_student_layers) // (2 * num_student_layers)
+               for i in range(1, num_student_layers + 1))
+
+
+def _config_value(cfg: Mapping[str, Any] | Any, key: str) -> Any:
+  """Reads `key` from a dict or ConfigDict, falling back to the official default."""
+  if cfg is None:
+    return TRANSFER_DEFAULTS[key]
+  getter = getattr(cfg, "get", None)
+  if getter is None:
+    raise TypeError(f"transfer config must be a dict or ConfigDict, got {type(cfg).__name__}")
+  value = getter(key, None)
+  return TRANSFER_DEFAULTS[key] if value is None else value
+
+
+def default_transfer_config():
+  """The `cfg` for `transfer_losses` as a ConfigDict, official TF1 behaviour except §1.2."""
+  cfg = ml_collections.ConfigDict()
+  for key, value in TRANSFER_DEFAULTS.items():
+    if value is None:
+      cfg[key] = ml_collections.config_dict.placeholder(int)
+    else:
+      cfg[key] = value
+  return cfg
+
+
+def _resolve_layer_map(cfg: Any, student_out: Any, teacher_out: Any) -> tuple[int, ...]:
+  """Full-depth map from the config; inferred from the outputs only when the config is silent.
+
+  Inference is right when neither model is truncated or both have the same depth; a truncated
+  run with different depths must pass num_student_layers / num_teacher_layers.
+  """
+  num_student = _config_value(cfg, "num_student_layers")
+  num_teacher = _config_value(cfg, "num_teacher_layers")
+  if (num_student is None) != (num_teacher is None):
+    raise ValueError("set both num_student_layers and num_teacher_layers, or neither")
+  if num_student is None:
+    num_student = len(student_out.hidden_states) - 1
+    num_teacher = len(teacher_out.hidden_states) - 1
+  return layer_map(int(num_student), int(num_teacher))
+
+
+def _check_available(layer: int, available: int, who: str) -> None:
+  if not 1 <= layer <= available:
+    raise ValueError(f"transfer needs {who} layer {layer}, but the {who} ran {available} layers "
+                     f"(run it with num_layers >= {layer})")
+
+
+def transfer_losses(student_out: Any, teacher_out: Any, attention_mask: Array | None,
+                    cfg: Mapping[str, Any] | Any, layers: Sequence[int]) -> dict[str, Array]:
+  """Per-layer knowledge-transfer terms for the listed student layers (1-based).
+
+  `student_out` / `teacher_out` provide `.hidden_states` (embedding output first) and
+  `.attention_scores` (one [B, N, T, T] per layer), possibly truncated. Each student layer i is
+  compared with teacher layer `layer_map(...)[i - 1]`; both must have been computed.
+
+  Returns {'fmt', 'at', 'mean', 'var'}, each a float32 array [len(layers)] in the order of
+  `layers`, unweighted, so the trainer applies the stage's weights and logs each layer.
+  See TRANSFER_DEFAULTS for the config keys.
+  """
+  layers = tuple(layers)
+  if not layers:
+    raise ValueError("transfer_losses needs at least one student layer")
+  normalize = bool(_config_value(cfg, "normalize_features"))
+  feature_over = _config_value(cfg, "feature_over")
+  attention_over = _config_value(cfg, "attention_over")
+  attention_kind = _config_value(cfg, "attention_kind")
+  all_layer_stats = bool(_config_value(cfg, "tf1_all_layer_stats"))
+  _require_choice(feature_over, AVERAGE_OVER, "feature_over")
+  if feature_over == "real" and attention_mask is None:
+    raise ValueError("feature_over='real' needs attention_mask [batch, seq]")
+  token_mask = attention_mask if feature_over == "real" else None
+
+  mapping = _resolve_layer_map(cfg, student_out, teacher_out)
+  student_depth = len(student_out.hidden_states) - 1
+  teacher_depth = len(teacher_out.hidden_states) - 1
+  # TF1 takes the statistics of every teacher output that exists; computed once for all layers.
+  teacher_stats = stacked_token_moments(teacher_out.hidden_states) if all_layer_stats else None
+
+  per_term: dict[str, list[Array]] = {term: [] for term in TRANSFER_TERMS}
+  for layer in layers:
+    if not 1 <= layer <= len(mapping):
+      raise ValueError(f"student layer {layer} outside 1..{len(mapping)}")
+    teacher_layer = mapping[layer - 1]
+    _check_available(layer, student_depth, "student")
+    _check_available(teacher_layer, teacher_depth, "teacher")
+    student_h = student_out.hidden_states[layer]
+    teacher_h = teacher_out.hidden_states[teacher_layer]
+    per_term["fmt"].append(
+        feature_map_loss(student_h, teacher_h, normalize=normalize, mask=token_mask))
+    per_term["at"].append(
+        attention_loss(student_out.attention_scores[layer - 1],
+                       teacher_out.attention_scores[teacher_layer - 1],
+                       attention_mask=attention_mask, over=attention_over, kind=attention_kind))
+    if teacher_stats is None:
+      beta, gamma = mean_variance_loss(student_h, teacher_h, mask=token_mask)
+    else:
+      _require_same_shape(student_h, teacher_h, "mean/variance transfer")
+      beta, gamma = _moment_discrepancy(
+          token_moments(student_h), teacher_stats,
+          _token_mask(token_mask, student_h, "mean/variance transfer"))
+    per_term["mean"].append(beta)
+    per_term["var"].append(gamma)
+  return {term: jnp.stack(values) for term, values in per_term.items()}
