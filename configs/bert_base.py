@@ -1,0 +1,31 @@
+"""BERT-base pretraining (MLM + NSP): a standard teacher for width-matched students.
+
+    python launch.py --config=configs/bert_base.py:smoke --workdir=/tmp/bert
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, smoke=False)
+  c = common.base_config()
+  c.model = common.model_section("bert_base")
+  c.train.steps = 1_000_000
+  c.train.learning_rate = 1e-4
+  c.train.optimizer = "adamw"
+  c.train.warmup_steps = 10_000
+  common.pretraining_schedule(c)
+  c.data.source = "wikimedia/wikipedia:20231101.en"
+  c.data.vocab = "train:30522"
+  c.data.batch_size = 256
+  if arg.smoke:
+    c.model = common.model_section("bert_base_micro")
+    common.smoke_data(c)
+    c.train.steps = 200
+    c.train.learning_rate = 1e-3
+    c.train.warmup_steps = 20
+    c.train.log_every = 10
+    c.train.eval_every = 100
+    c.train.eval_steps = 4
+    c.train.checkpoint_every = 100
+  return c

@@ -1,0 +1,140 @@
+"""Shared pieces of the config files: the sections every run has and the `:arg` parser.
+
+Config files are code: `get_config(arg)` returns an ml_collections ConfigDict. The argument is
+a comma-separated list such as `smoke` or `smoke,preset=jkt` (big_vision's `parse_arg`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from mbert_jax.data.config import default_data_config
+from mbert_jax.models.config import preset as model_preset
+from mbert_jax.schedule import default_schedule_config
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`'smoke,preset=pkt'` -> ConfigDict(smoke=True, preset='pkt'), typed after `defaults`."""
+  out = ml_collections.ConfigDict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} unknown; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    if not sep:
+      if kind is not bool:
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+      out[key] = True
+    elif kind is bool:
+      out[key] = value.lower() in ("1", "true", "yes", "on")
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(model_preset(name, **overrides).to_dict())
+
+
+def train_section() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.steps = 1000              # total steps of the run; -1 = the schedule's total
+  t.optimizer = "lamb"        # lamb (TF1, no bias correction) | adamw | adamw_tf1 | adam
+  t.learning_rate = 1e-3
+  t.warmup_steps = 100
+  t.lr_schedule = "linear"    # TF1: linear decay measured from step 0 to end_factor x lr
+  t.end_factor = 0.0
+  t.weight_decay = 0.01
+  t.clip_norm = 1.0
+  t.b1 = 0.9
+  t.b2 = 0.999
+  t.eps = 1e-6
+  t.grad_accum_steps = 1
+  t.log_every = 50
+  t.eval_every = 500
+  t.eval_steps = 10           # held-out batches per evaluation
+  t.checkpoint_every = 1000
+  t.keep_checkpoints = 3
+  t.async_checkpoint = True
+  t.seed = 0
+  t.compute_dtype = "float32"  # float32 | bfloat16 (params, optimizer state, losses stay fp32)
+  t.dropout = True            # False runs the student deterministically (TF1 KT/PD does)
+  t.max_nonfinite_steps = 20  # consecutive skipped steps before the run stops
+  t.progress_bar = True
+  t.compilation_cache_dir = ""  # persistent XLA cache; empty = off
+  return t
+
+
+def mesh_section() -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  m.data = -1
+  m.fsdp = 1
+  m.tensor = 1
+  m.logical_axis_rules = ()   # extra (logical, mesh axis) pairs, tried before the defaults
+  return m
+
+
+def distributed_section() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.initialize = "auto"       # auto: when the environment names a cluster (SLURM, TPU pod, ...)
+  d.coordinator_address = ""
+  d.num_processes = -1
+  d.process_id = -1
+  d.cpu_collectives = "gloo"  # multi-process CPU runs (tests, development)
+  return d
+
+
+def teacher_section() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.checkpoint = ""           # an mbert-jax workdir or a Hugging Face directory
+  t.step = -1                 # -1 = latest good checkpoint
+  t.compute_dtype = "float32"
+  t.copy_embeddings = True    # word table, embedding transformation, position and type tables
+  t.copy_embedding_norm = "auto"  # auto: only if teacher and student use the same norm type
+  t.copy_mlm_head = True
+  t.copy_nsp_head = True
+  return t
+
+
+def kt_section() -> ml_collections.ConfigDict:
+  k = ml_collections.ConfigDict()
+  k.normalize_features = True     # official LN0 feature MSE; False = plain MSE
+  k.attention_over = "all"        # all positions (official) | real (non-padding query rows)
+  k.attention_kind = "ce"         # ce (official, KL gradient) | kl
+  k.tf1_all_layer_stats = False   # TF1 quirk: mean/var vs all teacher outputs
+  return k
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = model_section("mobilebert")
+  c.teacher = teacher_section()
+  c.schedule = default_schedule_config()
+  c.kt = kt_section()
+  c.data = default_data_config()
+  c.train = train_section()
+  c.mesh = mesh_section()
+  c.distributed = distributed_section()
+  return c
+
+
+def pretraining_schedule(c: ml_collections.ConfigDict) -> None:
+  """One MLM + NSP stage whose length and LR follow `train.*` (teacher/baseline pretraining)."""
+  c.schedule.name = "scratch"
+  c.schedule.distill_steps = c.train.get_ref("steps")
+  c.schedule.learning_rate = c.train.get_ref("learning_rate")
+  c.schedule.warmup_steps = c.train.get_ref("warmup_steps")
+  c.schedule.end_factor = c.train.get_ref("end_factor")
+
+
+def smoke_data(c: ml_collections.ConfigDict) -> None:
+  """CPU-sized data: the built-in corpus, a small trained vocabulary, short sequences."""
+  c.data.source = "builtin"
+  c.data.vocab = "train:2048"
+  c.data.max_seq_length = 64
+  c.data.max_predictions_per_seq = 10
+  c.data.batch_size = 16
+  c.model.vocab_size = -1      # -1: take the size of the tokenizer's vocabulary
+  c.model.max_position_embeddings = 64

@@ -1,0 +1,123 @@
+"""Launch a training run (or a pipeline of runs) from a config file.
+
+    python launch.py --config=configs/ib_bert_large.py:smoke --workdir=runs/teacher
+    python launch.py --config=configs/distill_mobilebert.py --workdir=runs/student \
+        --config.teacher.checkpoint=runs/teacher --config.schedule.name=pkt
+
+Running the same command again resumes from the workdir. A config with a `runs` section (see
+configs/demo.py) runs each named sub-config in `<workdir>/<name>`, in order; `{workdir}` in any
+string field stands for the parent workdir, so a student can name the teacher run before it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "config file (configs/<name>.py[:args])",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the resolved config")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def maybe_initialize_distributed(dist_cfg) -> None:
+  """`jax.distributed.initialize` when the config or the environment names a cluster."""
+  import jax
+  mode = str(dist_cfg.get("initialize", "auto")).lower()
+  explicit = bool(dist_cfg.get("coordinator_address"))
+  env = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
+                                      "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                                      "MEGASCALE_COORDINATOR_ADDRESS"))
+  if mode in ("false", "0", "off", "never") or (mode == "auto" and not (explicit or env)):
+    return
+  if dist_cfg.get("cpu_collectives"):
+    jax.config.update("jax_cpu_collectives_implementation", dist_cfg.cpu_collectives)
+  kwargs = {}
+  if explicit:
+    kwargs["coordinator_address"] = dist_cfg.coordinator_address
+  if dist_cfg.get("num_processes", -1) > 0:
+    kwargs["num_processes"] = int(dist_cfg.num_processes)
+  if dist_cfg.get("process_id", -1) >= 0:
+    kwargs["process_id"] = int(dist_cfg.process_id)
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def _substitute(cfg, workdir: str):
+  """Replaces `{workdir}` in every string field of a ConfigDict (recursively)."""
+  for key in list(cfg.keys()):
+    value = cfg[key]
+    if hasattr(value, "keys"):
+      _substitute(value, workdir)
+    elif isinstance(value, str) and "{workdir}" in value:
+      cfg[key] = value.replace("{workdir}", workdir)
+  return cfg
+
+
+def run_pipeline(config, workdir: str) -> dict:
+  from mbert_jax import train
+  reports = {}
+  for name in config.runs.order:
+    sub = _substitute(config.runs[name].copy_and_resolve_references(), os.path.abspath(workdir))
+    sub_dir = os.path.join(workdir, name)
+    done = os.path.join(sub_dir, train.DONE_FILE)
+    if os.path.exists(done):
+      with open(done) as f:
+        reports[name] = json.load(f)
+      print(f"[{name}] already finished in {sub_dir}; skipping", flush=True)
+      continue
+    print(f"[{name}] running in {sub_dir}", flush=True)
+    reports[name] = train.train_and_evaluate(sub, sub_dir)
+    if reports[name]["status"] != "completed":
+      return reports
+  return reports
+
+
+def print_report(reports: dict, workdir: str) -> None:
+  lines = ["", "=" * 72, f"report ({os.path.abspath(workdir)})"]
+  for name, r in reports.items():
+    acc = r.get("eval", {}).get("eval/mlm_accuracy")
+    t_acc = r.get("eval", {}).get("eval/teacher_mlm_accuracy")
+    p = r.get("params", {})
+    lines.append(
+        f"  {name:<10} {r.get('status', '?'):<10} step {r.get('step')}/{r.get('end_step')}  "
+        f"held-out MLM acc {acc if acc is None else f'{acc:.4f}'}"
+        + (f" (teacher {t_acc:.4f})" if t_acc is not None else "")
+        + f"  params: backbone {p.get('backbone', 0):,}, total {p.get('total', 0):,}"
+        + f"  [{r.get('wall_seconds', 0):.0f}s]")
+    lines.append(f"  {'':<10} checkpoints: {r.get('checkpoints')}")
+  lines.append("=" * 72)
+  print("\n".join(lines), flush=True)
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  config = FLAGS.config
+  workdir = FLAGS.workdir
+  maybe_initialize_distributed(config.get("distributed", {}))
+  from mbert_jax import train
+  try:
+    if "runs" in config:
+      reports = run_pipeline(config, workdir)
+    else:
+      reports = {os.path.basename(os.path.normpath(workdir)): train.train_and_evaluate(config, workdir)}
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  except train.NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(3)
+  import jax
+  if jax.process_index() == 0:
+    print_report(reports, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,114 @@
+"""Checkpoints with orbax `CheckpointManager`: train state + JSON metadata per step.
+
+A checkpoint holds step, params, optimizer state and RNG (the `state` item) and the data and
+schedule positions (the `meta` item). The teacher is never saved: it is reloaded from the
+config's path. A latest checkpoint that fails to restore (truncated, half-written, corrupt) is
+skipped with a warning in favour of the previous good one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True),
+        item_names=("state", "meta"),
+    )
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps(read=True))
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores `step` into the shapes, dtypes and shardings of `abstract_state`."""
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    state = out["state"]
+    _check_same_structure(abstract_state, state, step)
+    return state, out["meta"]
+
+  def restore_latest_good(self, abstract_state_for_meta) -> tuple[int, Any, dict[str, Any]] | None:
+    """Newest checkpoint that restores; `abstract_state_for_meta(meta)` gives its target tree.
+
+    Returns None when there is no usable checkpoint at all.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        meta = self.read_meta(step)
+        state, meta = self.restore(step, abstract_state_for_meta(meta))
+        return step, state, meta
+      except Exception as e:  # a damaged checkpoint can fail in many layers of orbax/tensorstore
+        warnings.warn(f"checkpoint at step {step} in {self.directory} cannot be restored "
+                      f"({type(e).__name__}: {str(e)[:300]}); trying the previous one")
+        logging.warning("skipping unreadable checkpoint %d: %s", step, e)
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _check_same_structure(expected: Any, got: Any, step: int) -> None:
+  # A lenient restore once loaded partial weights silently (orbax #2972): verify it all.
+  e_leaves, e_def = jax.tree.flatten(expected)
+  g_leaves, g_def = jax.tree.flatten(got)
+  if e_def != g_def:
+    raise ValueError(f"checkpoint {step}: tree structure differs from the model's")
+  for a, b in zip(e_leaves, g_leaves):
+    if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+      raise ValueError(f"checkpoint {step}: leaf {a.shape}/{a.dtype} restored as {b.shape}/{b.dtype}")
+
+
+def restore_params_only(directory: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+  """Loads just the params of an mbert-jax run (used for teachers); newest good step."""
+  mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"),
+                               options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  steps = sorted(mngr.all_steps(read=True))
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {directory}")
+  candidates = [step] if step is not None else list(reversed(steps))
+  last_err = None
+  for s in candidates:
+    try:
+      restored = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item={"params": abstract_params},
+          restore_args=jax.tree.map(
+              lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), {"params": abstract_params}),
+          partial_restore=True)))
+      params = restored["state"]["params"]
+      _check_same_structure(abstract_params, params, s)
+      mngr.close()
+      return params, s
+    except Exception as e:  # see restore_latest_good
+      warnings.warn(f"checkpoint at step {s} in {directory} cannot be restored ({e!s:.300}); "
+                    "trying the previous one")
+      last_err = e
+  mngr.close()
+  raise ValueError(f"no restorable checkpoint under {directory}: {last_err}")

@@ -1,0 +1,137 @@
+"""Device mesh, logical-axis rules and the shardings of params, batches and train state.
+
+The models annotate every parameter with logical axis names; this module alone decides how
+those names land on the `data` / `fsdp` / `tensor` mesh axes. A dimension that the assigned
+mesh axes do not divide is replicated (with a log line) instead of failing: the real
+vocabulary (30,522) divides by nothing useful.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Order matters: flax takes the first rule whose mesh axis this parameter does not use yet,
+# so the later rules are fallbacks that keep fsdp sharding every large tensor somewhere.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("qkv", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("intra", "fsdp"),
+    ("mlp", "fsdp"),
+    ("qkv", "fsdp"),
+    ("embed_table", "fsdp"),
+    ("extra", "fsdp"),
+    ("embed_out", "fsdp"),
+    ("embed_in", None),
+    ("layers", None),
+    ("positions", None),
+    ("types", None),
+    ("classes", None),
+)
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """Sizes of (data, fsdp, tensor); at most one may be -1, meaning the rest of the devices."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  if sum(s == -1 for s in sizes) > 1:
+    raise ValueError(f"mesh: at most one of {MESH_AXES} may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  for a, s in zip(MESH_AXES, sizes):
+    if s == 0 or s < -1:
+      raise ValueError(f"mesh.{a} = {s}: sizes are positive or -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh: {num_devices} devices do not divide by the fixed axes' product {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"{num_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, devices=devices)
+
+
+def rules_from_config(mesh_cfg) -> tuple[tuple[str, Any], ...]:
+  extra = mesh_cfg.get("logical_axis_rules", None) if hasattr(mesh_cfg, "get") else None
+  if not extra:
+    return DEFAULT_RULES
+  return tuple((str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in extra) + DEFAULT_RULES
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  if isinstance(axes, str):
+    return mesh.shape[axes]
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, name: str = "") -> P:
+  """Drops mesh axes from dimensions they do not divide."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is not None and dim % _axis_size(mesh, axes):
+      logging.info("sharding: %s dim %d not divisible by %s; replicated", name, dim, axes)
+      axes = None
+    fitted.append(axes)
+  return P(*fitted)
+
+
+def logical_specs(boxed_tree) -> Any:
+  """Logical PartitionSpecs of a tree of flax-boxed (LogicallyPartitioned) leaves."""
+  return nn.get_partition_spec(boxed_tree)
+
+
+def tree_shardings(logical_spec_tree, abstract_tree, mesh: Mesh, rules) -> Any:
+  """NamedShardings for `abstract_tree` (arrays or ShapeDtypeStructs) from logical specs."""
+  def one(path, spec, leaf):
+    if spec is None:
+      spec = P()
+    mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if len(spec) else P()
+    name = jax.tree_util.keystr(path)
+    return NamedSharding(mesh, fit_spec(mesh_spec, leaf.shape, mesh, name))
+
+  return jax.tree_util.tree_map_with_path(
+      one, logical_spec_tree, abstract_tree,
+      is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Batches split their leading dimension over data x fsdp; the rest is replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows of the global batch -> global arrays sharded over data x fsdp."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+          for k, v in local.items()}
+
+
+def check_batch_divisible(global_batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch_size % (shards * grad_accum):
+    raise ValueError(
+        f"data.batch_size = {global_batch_size} must divide by data x fsdp = {shards}"
+        + (f" times train.grad_accum_steps = {grad_accum}" if grad_accum > 1 else ""))
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"data.batch_size = {global_batch_size} must divide by the "
+                     f"{jax.process_count()} processes")
