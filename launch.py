@@ -98,7 +98,9 @@ def print_report(reports: dict, workdir: str) -> None:
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
+  # orbax and jax log every file they touch at INFO; keep the console for the run itself.
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
   config = FLAGS.config
   workdir = FLAGS.workdir
   maybe_initialize_distributed(config.get("distributed", {}))

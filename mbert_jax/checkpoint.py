@@ -30,7 +30,8 @@ class Checkpointer:
     )
 
   def all_steps(self) -> list[int]:
-    return sorted(self.manager.all_steps(read=True))
+    self.manager.reload()
+    return sorted(self.manager.all_steps())
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()
@@ -90,7 +91,7 @@ def restore_params_only(directory: str, abstract_params: Any, step: int | None =
   """Loads just the params of an mbert-jax run (used for teachers); newest good step."""
   mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"),
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  steps = sorted(mngr.all_steps(read=True))
+  steps = sorted(mngr.all_steps())
   if not steps:
     raise FileNotFoundError(f"no checkpoint under {directory}")
   candidates = [step] if step is not None else list(reversed(steps))

@@ -63,7 +63,10 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, devices=devices)
+  # Auto axes: XLA propagates shardings through the model; explicit axes would make every
+  # gather and einsum spell out its output sharding.
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
 def rules_from_config(mesh_cfg) -> tuple[tuple[str, Any], ...]:

@@ -435,3 +435,65 @@ class MobileBert(nn.Module):
       value = float(jnp.finfo(jnp.float32).min)
     keep = attention_mask.astype(jnp.float32)[:, None, None, :]
     return (1.0 - keep) * value
+
+
+class _Backbone(nn.Module):
+  """Embeddings + encoder (+ pooler), for the fine-tuning models."""
+  cfg: ModelConfig
+
+  def setup(self):
+    self.embeddings = Embeddings(self.cfg)
+    self.encoder = Encoder(self.cfg)
+    if self.cfg.classifier_activation:
+      self.pooler = Pooler(self.cfg)
+
+  def features(self, input_ids, token_type_ids, attention_mask, deterministic):
+    cfg = self.cfg
+    if input_ids.shape[1] > cfg.max_position_embeddings:
+      raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
+                       f"{cfg.max_position_embeddings}")
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    x = self.embeddings(input_ids, token_type_ids, deterministic)
+    value = cfg.attention_mask_value
+    value = float(jnp.finfo(jnp.float32).min) if value is None else value
+    bias = (1.0 - attention_mask.astype(jnp.float32)[:, None, None, :]) * value
+    states, _ = self.encoder(x, bias, deterministic, None)
+    seq = states[-1] if states else x
+    pooled = self.pooler(seq[:, 0]) if cfg.classifier_activation else seq[:, 0]
+    return seq, pooled
+
+
+class SequenceClassifier(_Backbone):
+  """GLUE-style head on the pooled [CLS] (TF1 run_classifier: dropout 0.1, then Dense).
+
+  `num_labels == 1` is regression (STS-B). Parameter names match Hugging Face's
+  `MobileBertForSequenceClassification` (`classifier`).
+  """
+  num_labels: int = 2
+  classifier_dropout: float = 0.1
+
+  def setup(self):
+    super().setup()
+    self.classifier = Dense(self.num_labels, ("embed_out", "classes"), self.cfg)
+    self.dropout = nn.Dropout(self.classifier_dropout)
+
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, deterministic=True):
+    _, pooled = self.features(input_ids, token_type_ids, attention_mask, deterministic)
+    pooled = self.dropout(pooled, deterministic=deterministic)
+    return self.classifier(pooled).astype(jnp.float32)
+
+
+class SpanExtractor(_Backbone):
+  """SQuAD head: start/end logits from every position (`qa_outputs`, as Hugging Face)."""
+
+  def setup(self):
+    super().setup()
+    self.qa_outputs = Dense(2, ("embed_out", "classes"), self.cfg)
+
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, deterministic=True):
+    seq, _ = self.features(input_ids, token_type_ids, attention_mask, deterministic)
+    logits = self.qa_outputs(seq).astype(jnp.float32)
+    return logits[..., 0], logits[..., 1]
