@@ -138,3 +138,26 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh, grad_accum: int = 
   if global_batch_size % jax.process_count():
     raise ValueError(f"data.batch_size = {global_batch_size} must divide by the "
                      f"{jax.process_count()} processes")
+
+
+def follow_params(abstract_tree, param_shardings, abstract_params, mesh: Mesh) -> Any:
+  """Shardings for a tree (optimizer state) whose parameter-shaped leaves mirror `params`.
+
+  A leaf whose key path ends with a parameter's key path and has its shape (Adam moments,
+  accumulators) takes that parameter's sharding; everything else (counts) is replicated.
+  Compiler-chosen output shardings would replicate the moments and defeat fsdp.
+  """
+  by_suffix = {}
+  for (path, sh), leaf in zip(jax.tree_util.tree_leaves_with_path(param_shardings),
+                              jax.tree.leaves(abstract_params)):
+    by_suffix[jax.tree_util.keystr(path)] = (sh, tuple(leaf.shape))
+  rep = replicated(mesh)
+
+  def one(path, leaf):
+    key = jax.tree_util.keystr(path)
+    for suffix, (sh, shape) in by_suffix.items():
+      if key.endswith(suffix) and tuple(leaf.shape) == shape:
+        return sh
+    return rep
+
+  return jax.tree_util.tree_map_with_path(one, abstract_tree)

@@ -194,10 +194,9 @@ def init_params(cfg: ModelConfig, seed: int, mesh, rules):
 
 def state_shardings(params_shardings, tx, abstract_params_tree, mesh):
   """Shardings of the whole train state; optimizer moments follow their parameters."""
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_params_tree, params_shardings)
-  opt_sh = jax.jit(tx.init).lower(abstract).compile().output_shardings
   rep = sharding.replicated(mesh)
+  opt_sh = sharding.follow_params(jax.eval_shape(tx.init, abstract_params_tree), params_shardings,
+                                  abstract_params_tree, mesh)
   return {"step": rep, "params": params_shardings, "opt_state": opt_sh, "nonfinite": rep,
           "skipped": rep}
 
@@ -307,9 +306,11 @@ def make_train_step(ctx: StepContext) -> Callable:
         lambda p, mb, r: grad_fn(p, teacher_params, mb, r), state["params"], batch,
         ctx.grad_accum, rng=rng)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = ctx.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    # An update that would leave a non-finite parameter is skipped too, so no checkpoint can
+    # ever hold one.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = {
         "step": state["step"] + 1,
@@ -487,8 +488,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     copied = []
     if needs_teacher:
       params, copied = init_student_from_teacher(params, teacher_params, s_cfg, t_cfg, config.teacher)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": None,
-             "nonfinite": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
+    zero = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+    state = {"step": zero, "params": params, "opt_state": None, "nonfinite": zero, "skipped": zero}
     if copied:
       logging.info("copied %d tensors from the teacher: %s", len(copied), sorted({c.rsplit('/', 2)[0] for c in copied}))
 

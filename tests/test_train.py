@@ -1,0 +1,207 @@
+"""The training loop end to end on tiny real runs: resume, fallback, numerical safety, KT."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from train_util import (ROOT, checkpoint_steps, final_params, metrics_rows, tiny_student_config,
+                        tiny_teacher_config, train_losses)
+
+from mbert_jax import train
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, cache_dir):
+  """An uninterrupted 8-step teacher run (checkpoints at 4 and 8)."""
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  report = train.train_and_evaluate(tiny_teacher_config(cache_dir), workdir)
+  assert report["status"] == "completed"
+  return workdir
+
+
+def _assert_same_params(a: dict, b: dict):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_run_writes_what_it_promises(teacher_run):
+  for name in ("config.json", "model_config.json", "metrics.jsonl", train.DONE_FILE,
+               "tokenizer/vocab.txt"):
+    assert os.path.exists(os.path.join(teacher_run, name)), name
+  assert checkpoint_steps(teacher_run) == [4, 8]
+  rows = metrics_rows(teacher_run)
+  logged = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in logged] == list(range(1, 9))
+  for key in ("loss", "mlm_loss", "mlm_accuracy", "nsp_accuracy", "learning_rate", "grad_norm",
+              "examples_per_second"):
+    assert all(np.isfinite(r[key]) for r in logged), key
+  assert any("eval/mlm_accuracy" in r for r in rows)
+  assert os.path.isdir(os.path.join(teacher_run, "tensorboard"))
+
+
+def test_hard_kill_after_checkpoint_resumes_bitwise(teacher_run, tmp_path, cache_dir):
+  """A copy of the run cut back to its step-4 checkpoint, resumed, ends bit-identical."""
+  cut = str(tmp_path / "cut")
+  shutil.copytree(teacher_run, cut)
+  shutil.rmtree(os.path.join(cut, "checkpoints", "8"))
+  os.remove(os.path.join(cut, train.DONE_FILE))
+  report = train.train_and_evaluate(tiny_teacher_config(cache_dir), cut)
+  assert report["status"] == "completed" and report["step"] == 8
+  _assert_same_params(final_params(teacher_run), final_params(cut))
+  assert train_losses(cut) == train_losses(teacher_run)
+
+
+def test_truncated_latest_checkpoint_falls_back(teacher_run, tmp_path, cache_dir):
+  broken = str(tmp_path / "broken")
+  shutil.copytree(teacher_run, broken)
+  os.remove(os.path.join(broken, train.DONE_FILE))
+  files = [f for f in glob.glob(os.path.join(broken, "checkpoints", "8", "**", "*"), recursive=True)
+           if os.path.isfile(f) and os.path.getsize(f) > 0]
+  for f in files:  # half-written: every file of the latest checkpoint cut to half its size
+    with open(f, "r+b") as fh:
+      fh.truncate(os.path.getsize(f) // 2)
+  with pytest.warns(UserWarning, match="step 8"):
+    report = train.train_and_evaluate(tiny_teacher_config(cache_dir), broken)
+  assert report["status"] == "completed"
+  _assert_same_params(final_params(teacher_run), final_params(broken))
+
+
+def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, cache_dir):
+  c = tiny_teacher_config(cache_dir, steps=8)
+  c.train.learning_rate = 1e38  # the first update overflows every weight
+  c.train.max_nonfinite_steps = 3
+  c.train.checkpoint_every = 1
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(train.NonFiniteError, match="consecutive"):
+    train.train_and_evaluate(c, workdir)
+  for step in checkpoint_steps(workdir):
+    assert all(np.all(np.isfinite(v)) for v in final_params(workdir, step).values())
+  skipped = [r for r in metrics_rows(workdir) if "skipped_steps" in r]
+  assert skipped[-1]["skipped_steps"] >= 3
+
+
+def test_bad_config_fails_before_compiling(tmp_path, cache_dir):
+  c = tiny_teacher_config(cache_dir)
+  c.model.num_attention_heads = 5
+  with pytest.raises(ValueError, match="num_attention_heads"):
+    train.validate_config(c)
+  c = tiny_teacher_config(cache_dir)
+  c.data.max_seq_length = 64  # longer than the position table (32)
+  with pytest.raises(ValueError, match="max_position_embeddings"):
+    train.validate_config(c)
+  c = tiny_student_config(cache_dir, str(tmp_path / "missing"))
+  with pytest.raises(FileNotFoundError, match="teacher.checkpoint"):
+    train.validate_config(c)
+  c.teacher.checkpoint = ""
+  with pytest.raises(ValueError, match="needs a teacher"):
+    train.validate_config(c)
+
+
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path, cache_dir):
+  """Preemption through launch.py: SIGTERM mid-run, rerun, equal to an uninterrupted run."""
+  steps = 30
+  base = [sys.executable, os.path.join(ROOT, "launch.py"),
+          f"--config={ROOT}/configs/ib_bert_large.py:smoke",
+          f"--config.train.steps={steps}", "--config.train.warmup_steps=2",
+          "--config.train.log_every=1", f"--config.train.eval_every={steps}",
+          "--config.train.eval_steps=1", "--config.train.checkpoint_every=1000",
+          "--config.train.progress_bar=False", "--config.model.num_hidden_layers=2",
+          "--config.model.max_position_embeddings=32", "--config.data.source=builtin:json*",
+          "--config.data.vocab=train:512", "--config.data.max_seq_length=32",
+          "--config.data.max_predictions_per_seq=5", "--config.data.batch_size=8",
+          f"--config.data.cache_dir={cache_dir}", "--config.data.num_proc=1"]
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+  subprocess.run(base + [f"--workdir={ref}"], check=True, env=env, cwd=ROOT,
+                 capture_output=True, timeout=600)
+  proc = subprocess.Popen(base + [f"--workdir={cut}"], env=env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = os.path.join(cut, "metrics.jsonl")
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 5:
+      break
+    if proc.poll() is not None:
+      pytest.fail("run ended before it could be preempted:\n" + proc.stdout.read())
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  assert "preempted" in out
+  stopped_at = checkpoint_steps(cut)[-1]
+  assert 5 <= stopped_at < steps
+  assert not os.path.exists(os.path.join(cut, train.DONE_FILE))
+  subprocess.run(base + [f"--workdir={cut}"], check=True, env=env, cwd=ROOT,
+                 capture_output=True, timeout=600)
+  _assert_same_params(final_params(ref), final_params(cut))
+  assert train_losses(cut) == train_losses(ref)
+
+
+# ------------------------------------------------------------------ knowledge transfer
+
+@pytest.fixture(scope="module")
+def pkt_run(tmp_path_factory, cache_dir, teacher_run):
+  workdir = str(tmp_path_factory.mktemp("pkt"))
+  report = train.train_and_evaluate(tiny_student_config(cache_dir, teacher_run), workdir)
+  assert report["status"] == "completed" and report["step"] == 4 * 2 + 4
+  return workdir
+
+
+def test_pkt_stages_freeze_and_gate_as_configured(pkt_run, teacher_run):
+  teacher = final_params(teacher_run)
+  after_phase1 = final_params(pkt_run, 4)   # end of layer 1's phase
+  after_phase2 = final_params(pkt_run, 8)   # end of layer 2's phase
+  # Embeddings and heads: copied from the teacher, then frozen for all of PKT (the embedding
+  # norm stays at identity: NoNorm student, LayerNorm teacher).
+  for k, v in after_phase2.items():
+    if k.startswith(("embeddings/word", "embeddings/position", "embeddings/token_type",
+                     "embeddings/embedding_transformation", "cls/")):
+      np.testing.assert_array_equal(v, teacher[k], err_msg=k)
+  np.testing.assert_array_equal(after_phase2["embeddings/norm/scale"], 1.0)
+  # Phase 1 trains layer 1 only; layer 2 has not moved yet.
+  init = final_params(pkt_run, 2)
+  k = "encoder/layers/ffn_0/intermediate/kernel"
+  assert not np.array_equal(init[k][0], after_phase1[k][0])
+  np.testing.assert_array_equal(init[k][1], after_phase1[k][1])
+  # Phase 2: layer 2 moves, layer 1 keeps training at 0.1 of layer 2's rate.
+  assert not np.array_equal(after_phase1[k][1], after_phase2[k][1])
+  assert not np.array_equal(after_phase1[k][0], after_phase2[k][0])
+  # The teacher run's checkpoints are untouched and the student holds no teacher params.
+  np.testing.assert_array_equal(final_params(teacher_run)[k], teacher[k])
+  assert all(not p.startswith("teacher") for p in after_phase2)
+
+
+def test_pkt_logs_per_layer_transfer_losses_and_stage_banners(pkt_run):
+  rows = [r for r in metrics_rows(pkt_run) if "loss" in r]
+  phase1 = [r for r in rows if r["step"] <= 4]
+  assert all("fmt_loss/layer_01" in r and "at_loss/layer_01" in r for r in phase1)
+  pd = [r for r in rows if r["step"] > 8]
+  assert all("kd_loss" in r and "mlm_loss" in r for r in pd)
+  assert {r["stage"] for r in rows} == {0.0, 1.0, 2.0}
+
+
+def test_resume_mid_stage_is_bitwise(pkt_run, tmp_path, cache_dir, teacher_run):
+  cut = str(tmp_path / "cut")
+  shutil.copytree(pkt_run, cut)
+  for step in checkpoint_steps(cut):
+    if step > 6:  # keep the mid-phase-2 checkpoint (step 6), drop everything after
+      shutil.rmtree(os.path.join(cut, "checkpoints", str(step)))
+  os.remove(os.path.join(cut, train.DONE_FILE))
+  train.train_and_evaluate(tiny_student_config(cache_dir, teacher_run), cut)
+  _assert_same_params(final_params(pkt_run), final_params(cut))
+  assert train_losses(cut) == train_losses(pkt_run)
