@@ -1,0 +1,97 @@
+"""WordPiece vocabularies: deterministic training, BERT uncased rules, loading and validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mbert_jax.data import tokenizer as T
+from mbert_jax.data.builtin_corpus import iter_builtin_documents
+
+
+@pytest.fixture(scope="module")
+def texts():
+  return [d.text for d in iter_builtin_documents("json*")] + \
+         [d.text for d in iter_builtin_documents("argparse*")]
+
+
+@pytest.fixture(scope="module")
+def trained(texts):
+  return T.train_wordpiece(texts, 400)
+
+
+def test_training_is_deterministic_and_sized(texts, trained):
+  again = T.train_wordpiece(texts, 400)
+  assert T.vocab_in_id_order(again) == T.vocab_in_id_order(trained)
+  assert trained.get_vocab_size() == 400
+  assert T.vocab_in_id_order(trained)[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  assert T.special_ids(trained) == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+
+
+def test_bert_uncased_rules(trained):
+  enc = trained.encode("Héllo, JSON Decoder!", "Second part")
+  # Lower-cased, accents stripped, punctuation split off, pair template with type ids.
+  assert enc.tokens[0] == "[CLS]" and enc.tokens[-1] == "[SEP]"
+  assert "," in enc.tokens and "json" in enc.tokens
+  assert all(t == t.lower() for t in enc.tokens if not t.startswith("["))
+  assert enc.type_ids[:enc.tokens.index("[SEP]") + 1] == [0] * (enc.tokens.index("[SEP]") + 1)
+  assert enc.type_ids[-1] == 1
+  assert T.continuation_mask(trained).sum() > 50
+  words = trained.encode("decoder").tokens[1:-1]
+  assert "".join(w.removeprefix("##") for w in words) == "decoder"
+
+
+def test_learn_vocab_merges_frequent_pairs_with_lexicographic_ties():
+  vocab = T.learn_wordpiece_vocab({"abab": 10, "abc": 5, "ba": 5}, 5 + 6 + 2)
+  base = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c", "##a", "##b", "##c"]
+  assert vocab[:11] == base
+  # ("a","##b") occurs 10*1 + 5 = 15 times, ("##a","##b") 10, ("b","##a") 5, ...
+  assert vocab[11] == "ab"
+  assert T.learn_wordpiece_vocab({"xy": 3, "yx": 3}, 5 + 4 + 1)[-1] == "xy"  # tie: smaller pair
+
+
+def test_save_and_load_every_form(trained, tmp_path):
+  T.save_tokenizer(trained, str(tmp_path))
+  with open(tmp_path / "tokenizer_config.json") as f:
+    assert json.load(f)["do_lower_case"] is True
+  text = "The parser returns a namespace."
+  for spec in (tmp_path / "vocab.txt", tmp_path / "tokenizer.json", tmp_path):
+    assert T.load_tokenizer(str(spec)).encode(text).ids == trained.encode(text).ids
+
+
+def test_vocabulary_errors(tmp_path):
+  (tmp_path / "v.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\n")
+  with pytest.raises(ValueError, match=r"lacks the special tokens \['\[MASK\]'\]"):
+    T.load_tokenizer(str(tmp_path / "v.txt"))
+  (tmp_path / "dup.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\nthe\n")
+  with pytest.raises(ValueError, match="duplicate"):
+    T.load_tokenizer(str(tmp_path / "dup.txt"))
+  (tmp_path / "empty.txt").write_text("")
+  with pytest.raises(ValueError, match="empty"):
+    T.load_tokenizer(str(tmp_path / "empty.txt"))
+  with pytest.raises(FileNotFoundError):
+    T.load_tokenizer(str(tmp_path / "missing.txt"))
+  (tmp_path / "d").mkdir()
+  with pytest.raises(FileNotFoundError, match="neither"):
+    T.load_tokenizer(str(tmp_path / "d"))
+  (tmp_path / "bad.json").write_text("{")
+  with pytest.raises(ValueError, match="not a tokenizers JSON"):
+    T.load_tokenizer(str(tmp_path / "bad.json"))
+
+
+def test_trained_size_spec():
+  assert T.parse_trained_vocab_size("train:512") == 512
+  assert T.parse_trained_vocab_size("/path/vocab.txt") is None
+  with pytest.raises(ValueError, match="integer"):
+    T.parse_trained_vocab_size("train:big")
+  with pytest.raises(ValueError, match="at least"):
+    T.parse_trained_vocab_size("train:10")
+  with pytest.raises(ValueError, match="no words"):
+    T.train_wordpiece(["", "   "], 100)
+
+
+def test_replacement_ids_exclude_specials(trained):
+  ids = set(T.replacement_ids(trained).tolist())
+  assert not ids & set(T.special_ids(trained).values())
+  assert len(ids) == trained.get_vocab_size() - 5
