@@ -56,10 +56,10 @@ def compiled_step(s_cfg, stage, mesh, batch, *, teacher_cfg=None, teacher_params
   tx = optim.build_optimizer(o, abs_params, schedule.lr_multiplier_tree(stage, abs_params),
                              lr_schedule=stage.learning_rate)
   st_sh = train.state_shardings(p_sh, tx, abs_params, mesh)
-  zero = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-  state = {"step": zero, "params": params,
+  zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+  state = {"step": zero(), "params": params,
            "opt_state": jax.jit(tx.init, out_shardings=st_sh["opt_state"])(params),
-           "nonfinite": zero, "skipped": zero}
+           "nonfinite": zero(), "skipped": zero()}
   teacher = build(teacher_cfg) if teacher_cfg is not None else None
   ctx = train.StepContext(build(s_cfg), teacher, stage, tx, {
       "num_student_layers": s_cfg.num_hidden_layers,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 import warnings
 from typing import Any
 
@@ -63,10 +65,23 @@ class Checkpointer:
         state, meta = self.restore(step, abstract_state_for_meta(meta))
         return step, state, meta
       except Exception as e:  # a damaged checkpoint can fail in many layers of orbax/tensorstore
+        moved = self._quarantine(step)
         warnings.warn(f"checkpoint at step {step} in {self.directory} cannot be restored "
-                      f"({type(e).__name__}: {str(e)[:300]}); trying the previous one")
+                      f"({type(e).__name__}: {str(e)[:300]}); moved it to {moved} and trying "
+                      "the previous one")
         logging.warning("skipping unreadable checkpoint %d: %s", step, e)
     return None
+
+  def _quarantine(self, step: int) -> str:
+    """Moves a damaged step aside (kept for inspection) so the run can write that step again."""
+    src = os.path.join(self.directory, str(step))
+    dst_root = self.directory.rstrip("/") + "_damaged"
+    os.makedirs(dst_root, exist_ok=True)
+    dst = os.path.join(dst_root, f"{step}_{int(time.time())}")
+    if os.path.exists(src):
+      shutil.move(src, dst)
+    self.manager.reload()
+    return dst
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -160,7 +160,9 @@ def init_student_from_teacher(params, teacher_params, s_cfg: ModelConfig, t_cfg:
     if t_flat[path].shape != s_flat[path].shape:
       raise ValueError(f"cannot copy {path} from the teacher: shape {t_flat[path].shape} vs "
                        f"student {s_flat[path].shape}")
-    s_flat[path] = jax.device_put(t_flat[path], s_flat[path].sharding)
+    # A real copy: device_put onto an equal sharding would alias the teacher's buffer, and
+    # the student's state is donated to every step while the teacher's must survive it.
+    s_flat[path] = jax.device_put(jnp.copy(t_flat[path]), s_flat[path].sharding)
     copied.append(path)
   return traverse_util.unflatten_dict(s_flat, sep="/"), copied
 
@@ -305,12 +307,12 @@ def make_train_step(ctx: StepContext) -> Callable:
     (loss, terms), grads = optim.accumulate_gradients(
         lambda p, mb, r: grad_fn(p, teacher_params, mb, r), state["params"], batch,
         ctx.grad_accum, rng=rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = ctx.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # An update that would leave a non-finite parameter is skipped too, so no checkpoint can
     # ever hold one.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = {
         "step": state["step"] + 1,
@@ -320,7 +322,7 @@ def make_train_step(ctx: StepContext) -> Callable:
         "skipped": (state["skipped"] + (~finite).astype(jnp.int32)).astype(jnp.int32),
     }
     out = dict(terms)
-    out.update(grad_norm=grad_norm, param_norm=optax.global_norm(state["params"]),
+    out.update(grad_norm=grad_norm, param_norm=optax.tree.norm(state["params"]),
                finite=finite.astype(jnp.float32))
     return new_state, out
 
@@ -488,8 +490,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     copied = []
     if needs_teacher:
       params, copied = init_student_from_teacher(params, teacher_params, s_cfg, t_cfg, config.teacher)
-    zero = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-    state = {"step": zero, "params": params, "opt_state": None, "nonfinite": zero, "skipped": zero}
+    # Three distinct buffers: the state is donated, and one buffer cannot be donated twice.
+    zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+    state = {"step": zero(), "params": params, "opt_state": None, "nonfinite": zero(),
+             "skipped": zero()}
     if copied:
       logging.info("copied %d tensors from the teacher: %s", len(copied), sorted({c.rsplit('/', 2)[0] for c in copied}))
 
