@@ -1,0 +1,143 @@
+"""Sharded and multi-process training equal the single-device run.
+
+Fake CPU devices (`--xla_force_host_platform_device_count`) are set in subprocesses before jax
+is imported, so the rest of the suite keeps its single device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from train_util import ROOT, final_params, tiny_teacher_config, train_losses
+
+from mbert_jax import train
+
+STEPS = 3
+
+SHARDED_SCRIPT = r"""
+import json, os, sys
+sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
+import jax
+from flax import traverse_util
+from train_util import tiny_teacher_config
+from mbert_jax import sharding, train
+from mbert_jax.models import ModelConfig
+assert jax.device_count() == 8, jax.devices()
+out = {{}}
+for name, mesh in {meshes!r}.items():
+  c = tiny_teacher_config({cache!r}, steps={steps})
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+  workdir = os.path.join({tmp!r}, name)
+  train.train_and_evaluate(c, workdir)
+  # Where the run's parameters live: the shardings the step was compiled with.
+  with open(os.path.join(workdir, "model_config.json")) as f:
+    cfg = ModelConfig.from_dict(json.load(f))
+  m = sharding.make_mesh(c.mesh)
+  params, _ = train.init_params(cfg, 0, m, sharding.rules_from_config(c.mesh))
+  flat = traverse_util.flatten_dict(params, sep="/")
+  out[name] = {{k: [str(a) if a is not None else None for a in v.sharding.spec] +
+                   [list(v.addressable_shards[0].data.shape)] for k, v in flat.items()}}
+print("SPECS" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("dist_cache"))
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory, cache_dir):
+  workdir = str(tmp_path_factory.mktemp("single"))
+  c = tiny_teacher_config(cache_dir, steps=STEPS)
+  train.train_and_evaluate(c, workdir)
+  return workdir
+
+
+def _close(a: dict, b: dict, tol: float = 1e-5):
+  assert a.keys() == b.keys()
+  for k in a:
+    scale = max(1.0, float(np.max(np.abs(a[k]))))
+    np.testing.assert_allclose(a[k], b[k], atol=tol * scale, rtol=0, err_msg=k)
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def test_data_fsdp_tensor_sharding_match_one_device(single_device_run, cache_dir, tmp_path):
+  meshes = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "mixed": (2, 2, 2)}
+  script = SHARDED_SCRIPT.format(root=ROOT, meshes=meshes, cache=cache_dir, steps=STEPS,
+                                 tmp=str(tmp_path))
+  proc = subprocess.run([sys.executable, "-c", script], env=_env(8), cwd=ROOT,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  specs = json.loads(proc.stdout.split("SPECS", 1)[1])
+
+  ref_params, ref_losses = final_params(single_device_run), train_losses(single_device_run)
+  for name in meshes:
+    run = str(tmp_path / name)
+    losses = train_losses(run)
+    assert losses.keys() == ref_losses.keys()
+    np.testing.assert_allclose([losses[s] for s in sorted(losses)],
+                               [ref_losses[s] for s in sorted(ref_losses)], rtol=1e-5, atol=1e-6)
+    _close(final_params(run), ref_params)
+
+  # Layouts follow the logical-axis rules: fsdp shards the wide axes, tensor the heads/MLP.
+  ffn_in = "encoder/layers/intermediate/kernel"     # [L, intra, mlp]
+  assert specs["fsdp8"][ffn_in][:3] == ["None", "fsdp", "tensor"] or \
+      specs["fsdp8"][ffn_in][:3] == [None, "fsdp", "tensor"]
+  L, intra, mlp = 2, 128, 256
+  assert specs["fsdp8"][ffn_in][-1] == [L, intra // 8, mlp]
+  assert specs["mixed"][ffn_in][-1] == [L, intra // 2, mlp // 2]
+  assert specs["data8"][ffn_in][-1] == [L, intra, mlp]          # data parallel: replicated
+  words = "embeddings/word_embeddings/embedding"                # [V, E]: vocab->tensor, E->fsdp
+  assert specs["mixed"][words][-1] == [512 // 2, 16 // 2]
+
+
+WORKER = r"""
+import os, sys
+sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address={addr!r}, num_processes=2, process_id={pid})
+from train_util import tiny_teacher_config
+from mbert_jax import train
+assert jax.process_count() == 2 and jax.device_count() == 4
+c = tiny_teacher_config({cache!r}, steps={steps})
+train.train_and_evaluate(c, {workdir!r})
+print("DONE", jax.process_index())
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_to_the_same_losses(single_device_run, cache_dir, tmp_path):
+  workdir = str(tmp_path / "two_procs")
+  addr = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", WORKER.format(root=ROOT, addr=addr, pid=i, cache=cache_dir,
+                                           steps=STEPS, workdir=workdir)],
+      env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=900)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  ref = train_losses(single_device_run)
+  got = train_losses(workdir)
+  np.testing.assert_allclose([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)],
+                             rtol=1e-5, atol=1e-6)
+  _close(final_params(workdir), final_params(single_device_run))
