@@ -1,0 +1,302 @@
+"""Sweeps: axis helpers, sweep files, emitted launch.py commands, and a tiny real sweep that
+runs, reports, resumes without redoing finished runs and refuses a changed config."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import shutil
+import textwrap
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from mbert_jax import schedule as schedule_lib
+from mbert_jax import sweep as sw
+
+# config_flags loads config files with a loader method Python deprecates; not ours to change.
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KT = os.path.join(ROOT, "experiments", "kt_strategies.py")
+KT_RUNS = ("pkt", "pkt_freeze", "jkt", "akt", "pd_only", "scratch", "pkt_no_at", "pkt_no_mean_var")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _plain(config) -> dict:
+  return json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+
+
+# ============================================================================ axes
+
+def test_axes_compose_like_flax_sweeps():
+  seeds = sw.sweep("train.seed", [0, 1])
+  assert seeds == [{"train.seed": 0}, {"train.seed": 1}]
+  strategies = sw.zip_(sw.sweep("name", ["a", "b"]), sw.sweep("schedule.name", ["pkt", "jkt"]))
+  grid = sw.product(strategies, sw.zip_(sw.sweep("name", ["s0", "s1"]), seeds))
+  assert [r["name"] for r in grid] == ["a_s0", "a_s1", "b_s0", "b_s1"]
+  assert grid[3] == {"name": "b_s1", "schedule.name": "jkt", "train.seed": 1}
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: sw.zip_(sw.sweep("a.b", [1, 2]), sw.sweep("a.c", [1])), "equal length"),
+    (lambda: sw.product(sw.sweep("a.b", [1]), sw.sweep("a.b", [2])), "both set 'a.b'"),
+    (lambda: sw.product({"a.b": 1}), "list of dicts"),
+    (lambda: sw.sweep("a.b", []), "no values"),
+])
+def test_axes_reject_ambiguous_input(build, message):
+  with pytest.raises(sw.SweepError, match=message):
+    build()
+
+
+# ============================================================================ sweep files
+
+def _write_sweep(tmp_path, body: str) -> str:
+  path = tmp_path / "my_sweep.py"
+  path.write_text(textwrap.dedent("""
+      from configs import distill_mobilebert
+      from mbert_jax import sweep as sw
+
+      def get_config(arg=None):
+        c = distill_mobilebert.get_config("smoke")
+        c.teacher.checkpoint = "{sweepdir}/no_teacher_here"
+        c.data.cache_dir = "{sweepdir}/data_cache"
+        return c
+      """) + textwrap.dedent(body))
+  return str(path)
+
+
+def test_kt_strategies_spend_equal_total_steps(tmp_path):
+  for arg in ("tiny", "smoke", None, "smoke,steps_per_layer=3,distill_steps=7"):
+    spec = KT if arg is None else f"{KT}:{arg}"
+    sweep_file = sw.SweepFile(spec)
+    runs = sweep_file.runs()
+    assert tuple(r.name for r in runs) == KT_RUNS
+    totals, strategies = set(), {}
+    for r in runs:
+      c = sw.resolve(r, str(tmp_path))
+      stages = schedule_lib.build_schedule(c.schedule, c.model.num_hidden_layers)
+      totals.add(schedule_lib.total_steps(stages))
+      strategies[r.name] = (c.schedule.name, r.variant, c)
+      assert c.teacher.checkpoint == os.path.join(str(tmp_path), "teacher")
+      assert c.data.cache_dir == os.path.join(str(tmp_path), "data_cache")
+    assert len(totals) == 1, (arg, totals)
+    base = strategies["pkt"][2]
+    assert totals == {base.model.num_hidden_layers * base.schedule.steps_per_layer
+                      + base.schedule.distill_steps}
+    assert strategies["pkt_no_at"][:2] == ("pkt", "no_at")
+    assert strategies["pkt_no_at"][2].schedule.attention_distill_factor == 0
+    no_mv = strategies["pkt_no_mean_var"][2].schedule
+    assert (no_mv.beta_distill_factor, no_mv.gamma_distill_factor) == (0, 0)
+    assert no_mv.hidden_distill_factor == base.schedule.hidden_distill_factor
+    assert strategies["scratch"][2].train.dropout and not base.train.dropout
+    assert [s.name for s in sweep_file.setup_runs()] == ["teacher"]
+    if arg is None:  # the paper's budget: 24 x 10k PKT + 500k PD
+      assert totals == {740_000}
+
+
+def test_emitted_commands_reproduce_configs(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(ROOT)  # emitted commands run from the repo root
+  sweepdir = str(tmp_path / "kt")
+  assert sw.main([f"--sweep={KT}:smoke", f"--workdir={sweepdir}", "--emit"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  commands = [line for line in lines if not line.startswith("#")]
+  assert len(commands) == 1 + len(KT_RUNS)
+  sweep_file = sw.SweepFile(f"{KT}:smoke")
+  expected = {r.name: r for r in sweep_file.all_runs()}
+  for command in commands:
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "launch.py"]
+    # Parse exactly as launch.py does: a fresh flag registry with config_flags.
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                    sys_argv=argv[1:])
+    flags.DEFINE_string("workdir", None, "", flag_values=fv)
+    fv(argv[1:])
+    name = os.path.basename(fv.workdir)
+    assert os.path.dirname(fv.workdir) == sweepdir
+    want = sw.resolve(expected.pop(name), sweepdir)
+    assert _plain(fv.config.copy_and_resolve_references()) == _plain(want), name
+  assert not expected  # every run got a command
+  manifest = json.load(open(os.path.join(sweepdir, sw.MANIFEST)))
+  assert [e["name"] for e in manifest["runs"]] == ["teacher", *KT_RUNS]
+  assert manifest["runs"][0]["setup"] and manifest["runs"][1]["strategy"] == "pkt"
+
+
+def test_sweep_file_with_auto_names_and_tuples_round_trips(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # a relative --sweep path is read from the current directory
+  _write_sweep(tmp_path, """
+      def get_sweep(arg=None):
+        return sw.product(sw.sweep("schedule.name", ["pkt", "jkt"]),
+                          sw.sweep("mesh.logical_axis_rules", [(), (("batch", "data"),)]))
+      """)
+  sweep_file = sw.SweepFile("my_sweep.py")
+  names = [r.name for r in sweep_file.runs()]
+  assert len(set(names)) == 4 and names[0].startswith("name=pkt_logical_axis_rules=")
+  lines = sw.emit(sweep_file, str(tmp_path / "out"))
+  assert sum(not line.startswith("#") for line in lines) == 4
+  assert "--config.mesh.logical_axis_rules=" in "\n".join(lines)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("def get_sweep(arg=None): return [{'name': 'a', 'schedule.nmae': 'pkt'}]",
+     "'schedule.nmae' is not a field of the base config"),
+    ("def get_sweep(arg=None): return [{'name': 'a', 'train.steps': 'many'}]",
+     "cannot set train.steps='many'"),
+    ("def get_sweep(arg=None): return [{'name': 'a', 'train.steps': None}]",
+     "cannot be passed as a launch.py flag"),
+    ("def get_sweep(arg=None): return [{'name': 'a/b', 'train.steps': 3}]", "must match"),
+    ("def get_sweep(arg=None): return [{'name': 'a'}, {'name': 'a'}]", "used twice"),
+    ("def get_sweep(arg=None): return []", "non-empty list"),
+    ("def get_sweep(arg=None): return [{'name': 'a'}]\n"
+     "def get_setup(arg=None): return [{'name': 't'}]", "needs 'config'"),
+])
+def test_bad_sweep_files_fail_clearly(tmp_path, capsys, body, message):
+  path = _write_sweep(tmp_path, body)
+  assert sw.main([f"--sweep={path}", f"--workdir={tmp_path / 'out'}", "--emit"]) == 2
+  assert message in capsys.readouterr().err
+
+
+def test_only_names_unknown_runs(tmp_path, capsys):
+  assert sw.main([f"--sweep={KT}:tiny", f"--workdir={tmp_path}", "--emit", "--only=pkt,pkk"]) == 2
+  assert "unknown run(s) ['pkk']" in capsys.readouterr().err
+
+
+def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path):
+  path = _write_sweep(tmp_path, """
+      def get_sweep(arg=None):
+        return [{"name": "bad_dtype", "train.compute_dtype": "float64"},
+                {"name": "no_teacher", "schedule.name": "jkt"}]
+      """)
+  sweepdir = tmp_path / "out"
+  assert sw.main([f"--sweep={path}", f"--workdir={sweepdir}"]) == 1
+  for name, error in (("bad_dtype", "compute_dtype"), ("no_teacher", "no_teacher_here")):
+    assert error in (sweepdir / name / sw.ERROR_FILE).read_text()
+  rows = list(csv.DictReader(open(sweepdir / "results.csv")))
+  assert [(r["name"], r["status"]) for r in rows] == [("bad_dtype", "failed"),
+                                                      ("no_teacher", "failed")]
+
+
+def test_stage_boundaries_follow_the_saved_schedule(tmp_path):
+  """Read back from a run's config.json, as the training loop saves it."""
+  sweepdir = str(tmp_path)
+  runs = {r.name: r for r in sw.SweepFile(f"{KT}:tiny").runs()}
+  for name, want in (("pkt", [(2, "pkt_layer_2"), (4, "pd")]), ("jkt", [(4, "pd")]),
+                     ("akt", [])):
+    os.makedirs(os.path.join(sweepdir, name))
+    with open(os.path.join(sweepdir, name, "config.json"), "w") as f:
+      json.dump(sw.resolve(runs[name], sweepdir).to_dict(), f, default=str)
+    assert sw.stage_boundaries(os.path.join(sweepdir, name)) == want, name
+
+
+# ============================================================================ a real tiny sweep
+
+class _Spy:
+  """Records which run directories reach the real training loop."""
+
+  def __init__(self, monkeypatch):
+    from mbert_jax import train
+    self.calls: list[str] = []
+    real = train.train_and_evaluate
+
+    def spy(config, workdir):
+      self.calls.append(os.path.basename(workdir))
+      return real(config, workdir)
+    monkeypatch.setattr(train, "train_and_evaluate", spy)
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+  sweepdir = str(tmp_path_factory.mktemp("kt_tiny"))
+  with pytest.MonkeyPatch.context() as mp:
+    spy = _Spy(mp)
+    rc = sw.main([f"--sweep={KT}:tiny", f"--workdir={sweepdir}", "--only=akt,scratch"])
+  return sweepdir, rc, spy.calls
+
+
+def _rows(sweepdir):
+  with open(os.path.join(sweepdir, "results.csv")) as f:
+    return list(csv.DictReader(f))
+
+
+def test_tiny_sweep_runs_setup_then_selected_runs(tiny_sweep):
+  sweepdir, rc, calls = tiny_sweep
+  assert rc == 0
+  assert calls == ["teacher", "akt", "scratch"]
+  for name in calls:
+    final = json.load(open(os.path.join(sweepdir, name, "final.json")))
+    assert final["status"] == "completed" and final["step"] == 6, name
+  # One data cache for the whole sweep, not one per run.
+  assert os.listdir(os.path.join(sweepdir, "data_cache"))
+  assert not any(os.path.exists(os.path.join(sweepdir, n, "data_cache")) for n in calls)
+
+
+def test_results_table_and_plots(tiny_sweep):
+  sweepdir = tiny_sweep[0]
+  rows = _rows(sweepdir)
+  assert tuple(rows[0].keys()) == sw.COLUMNS
+  assert [r["name"] for r in rows] == list(KT_RUNS)
+  by_name = {r["name"]: r for r in rows}
+  for name in ("akt", "scratch"):
+    r = by_name[name]
+    final = json.load(open(os.path.join(sweepdir, name, "final.json")))
+    assert r["status"] == "completed" and int(r["steps"]) == 6
+    assert float(r["mlm_accuracy"]) == pytest.approx(final["eval"]["eval/mlm_accuracy"])
+    assert float(r["mlm_loss"]) == pytest.approx(final["eval"]["eval/mlm_loss"])
+    assert 0.0 <= float(r["mlm_accuracy"]) <= 1.0 and float(r["train_loss"]) > 0
+    assert float(r["wall_seconds"]) > 0
+  assert by_name["akt"]["strategy"] == "akt"
+  assert 0 <= float(by_name["akt"]["teacher_agreement"]) <= 1
+  assert by_name["scratch"]["teacher_agreement"] == ""  # no teacher, no agreement
+  assert by_name["pkt_no_at"]["variant"] == "no_at" and by_name["pkt_no_at"]["status"] == "pending"
+  md = open(os.path.join(sweepdir, "results.md")).read()
+  table = [line for line in md.splitlines() if line.startswith("|")]
+  assert len(table) == 2 + len(KT_RUNS)
+  assert "Set-up run `teacher`: completed, 6 steps" in md
+  for png in ("loss_curves.png", "final_accuracy.png"):
+    with open(os.path.join(sweepdir, png), "rb") as f:
+      data = f.read()
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000, png
+
+
+def test_report_mode_rebuilds_from_disk(tiny_sweep, capsys):
+  sweepdir = tiny_sweep[0]
+  before = open(os.path.join(sweepdir, "results.csv")).read()
+  for f in ("results.csv", "results.md", "loss_curves.png", "final_accuracy.png"):
+    os.remove(os.path.join(sweepdir, f))
+  assert sw.main(["--report", f"--workdir={sweepdir}"]) == 0
+  assert open(os.path.join(sweepdir, "results.csv")).read() == before
+  assert os.path.exists(os.path.join(sweepdir, "loss_curves.png"))
+
+
+def test_rerun_resumes_only_the_unfinished_run(tiny_sweep, monkeypatch):
+  sweepdir = tiny_sweep[0]
+  finished = {n: os.path.getmtime(os.path.join(sweepdir, n, "final.json"))
+              for n in ("teacher", "akt")}
+  # Interrupt `scratch` after its step-4 checkpoint: no final.json, no step-6 checkpoint.
+  os.remove(os.path.join(sweepdir, "scratch", "final.json"))
+  shutil.rmtree(os.path.join(sweepdir, "scratch", "checkpoints", "6"))
+  spy = _Spy(monkeypatch)
+  assert sw.main([f"--sweep={KT}:tiny", f"--workdir={sweepdir}", "--only=akt,scratch"]) == 0
+  assert spy.calls == ["scratch"]
+  for n, mtime in finished.items():
+    assert os.path.getmtime(os.path.join(sweepdir, n, "final.json")) == mtime, n
+  final = json.load(open(os.path.join(sweepdir, "scratch", "final.json")))
+  assert final["status"] == "completed" and final["step"] == 6
+  logged = [r["step"] for r in sw.read_metrics(os.path.join(sweepdir, "scratch")) if "loss" in r]
+  assert logged.count(4) == 1 and logged.count(5) == 2  # steps 5-6 trained again from step 4
+  wall = json.load(open(os.path.join(sweepdir, "scratch", sw.WALL_FILE)))
+  assert wall["sessions"] == 2
+  assert {r["name"]: r["status"] for r in _rows(sweepdir)}["scratch"] == "completed"
+
+
+def test_changed_config_is_refused_before_anything_is_written(tiny_sweep, capsys):
+  sweepdir = tiny_sweep[0]
+  manifest = open(os.path.join(sweepdir, sw.MANIFEST)).read()
+  assert sw.main([f"--sweep={KT}:tiny,distill_steps=3", f"--workdir={sweepdir}",
+                  "--only=akt"]) == 2
+  assert "holds a run of a different config" in capsys.readouterr().err
+  assert open(os.path.join(sweepdir, sw.MANIFEST)).read() == manifest
