@@ -3,10 +3,14 @@
     python launch.py --config=configs/ib_bert_large.py:smoke --workdir=runs/teacher
     python launch.py --config=configs/distill_mobilebert.py --workdir=runs/student \
         --config.teacher.checkpoint=runs/teacher --config.schedule.name=pkt
+    python launch.py --config=configs/finetune_glue.py:task=sst2 --workdir=runs/sst2 \
+        --config.init.checkpoint=runs/student
 
-Running the same command again resumes from the workdir. A config with a `runs` section (see
-configs/demo.py) runs each named sub-config in `<workdir>/<name>`, in order; `{workdir}` in any
-string field stands for the parent workdir, so a student can name the teacher run before it.
+Running the same command again resumes from the workdir. A config with a `finetune` section
+(configs/finetune_glue.py, configs/finetune_squad.py) fine-tunes and evaluates on GLUE or
+SQuAD. A config with a `runs` section (see configs/demo.py) runs each named sub-config in
+`<workdir>/<name>`, in order; `{workdir}` in any string field stands for the parent workdir,
+so a student can name the teacher run before it.
 """
 
 from __future__ import annotations
@@ -60,6 +64,15 @@ def _substitute(cfg, workdir: str):
   return cfg
 
 
+def run_one(config, workdir: str) -> dict:
+  """A config with a `finetune` section fine-tunes on GLUE/SQuAD; any other one pretrains."""
+  if "finetune" in config:
+    from mbert_jax.finetune import trainer
+    return trainer.finetune_and_evaluate(config, workdir)
+  from mbert_jax import train
+  return train.train_and_evaluate(config, workdir)
+
+
 def run_pipeline(config, workdir: str) -> dict:
   from mbert_jax import train
   reports = {}
@@ -73,7 +86,7 @@ def run_pipeline(config, workdir: str) -> dict:
       print(f"[{name}] already finished in {sub_dir}; skipping", flush=True)
       continue
     print(f"[{name}] running in {sub_dir}", flush=True)
-    reports[name] = train.train_and_evaluate(sub, sub_dir)
+    reports[name] = run_one(sub, sub_dir)
     if reports[name]["status"] != "completed":
       return reports
   return reports
@@ -82,6 +95,12 @@ def run_pipeline(config, workdir: str) -> dict:
 def print_report(reports: dict, workdir: str) -> None:
   lines = ["", "=" * 72, f"report ({os.path.abspath(workdir)})"]
   for name, r in reports.items():
+    if "task" in r:  # a fine-tuning run
+      lines.append(f"  {name:<10} {r.get('status', '?'):<10} step {r.get('step')}/"
+                   f"{r.get('total_steps')}  {r['task']} {r.get('main_metric')} = {r.get('score')}"
+                   f"  [{r.get('wall_seconds', 0):.0f}s]")
+      lines += [f"  {'':<10} {k} = {v:.4f}" for k, v in sorted(r.get("eval", {}).items())]
+      continue
     acc = r.get("eval", {}).get("eval/mlm_accuracy")
     t_acc = r.get("eval", {}).get("eval/teacher_mlm_accuracy")
     p = r.get("params", {})
@@ -101,6 +120,8 @@ def main(argv):
   # orbax and jax log every file they touch at INFO; keep the console for the run itself.
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
+  import datasets
+  datasets.disable_progress_bars()
   config = FLAGS.config
   workdir = FLAGS.workdir
   maybe_initialize_distributed(config.get("distributed", {}))
@@ -109,7 +130,7 @@ def main(argv):
     if "runs" in config:
       reports = run_pipeline(config, workdir)
     else:
-      reports = {os.path.basename(os.path.normpath(workdir)): train.train_and_evaluate(config, workdir)}
+      reports = {os.path.basename(os.path.normpath(workdir)): run_one(config, workdir)}
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
