@@ -170,7 +170,8 @@ def init_student_from_teacher(params, teacher_params, s_cfg: ModelConfig, t_cfg:
 # ============================================================================ state
 
 def dummy_inputs(cfg: ModelConfig, batch: int = 1, seq: int = 8):
-  return (jnp.zeros((batch, seq), jnp.int32), jnp.zeros((batch, 2), jnp.int32))
+  seq = min(seq, cfg.max_position_embeddings)
+  return (jnp.zeros((batch, seq), jnp.int32), jnp.zeros((batch, min(2, seq)), jnp.int32))
 
 
 def abstract_params(cfg: ModelConfig, mesh, rules):

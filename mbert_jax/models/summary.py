@@ -35,7 +35,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Flattened parameter shapes, computed abstractly (no memory is allocated)."""
   from mbert_jax.models import build
   model = build(cfg)
-  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  ids = jax.ShapeDtypeStruct((1, min(8, cfg.max_position_embeddings)), jnp.int32)
   pos = jax.ShapeDtypeStruct((1, 2), jnp.int32)
   shapes = jax.eval_shape(
       lambda i, p: model.init(jax.random.key(0), i, masked_positions=p), ids, pos)
