@@ -28,7 +28,7 @@ parser.add_argument("--teacher", default="ib_bert_large")
 parser.add_argument("--batch", type=int, default=2)
 parser.add_argument("--seq", type=int, default=64)
 parser.add_argument("--layers", default="1,6,12,18,24")
-parser.add_argument("--steps", type=int, default=3)
+parser.add_argument("--steps", type=int, default=5)
 args = parser.parse_args()
 
 s_cfg = preset(args.student, max_position_embeddings=max(args.seq, 512))
@@ -43,26 +43,32 @@ sc.steps_per_layer = 1000
 stages = schedule.build_schedule(sc, L)
 
 
-def step_time(stage) -> float:
+def prepared(stage):
   fn, state, gbatch, _ = compiled_step(s_cfg, stage, mesh, batch, teacher_cfg=t_cfg,
                                        teacher_params=t_params)
   state, out = fn(state, t_params, gbatch)  # compile + warm up
   jax.block_until_ready(out)
-  times = []
-  for _ in range(args.steps):
-    t = time.perf_counter()
-    state, out = fn(state, t_params, gbatch)
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+  return [fn, state, gbatch]
+
+
+def one_step(p) -> float:
+  fn, state, gbatch = p
+  t = time.perf_counter()
+  p[1], out = fn(state, t_params, gbatch)
+  jax.block_until_ready(out)
+  return time.perf_counter() - t
 
 
 sampled = [int(x) for x in args.layers.split(",")]
 rows = []
 for layer in sampled:
   stage = stages[layer - 1]
-  truncated = step_time(stage)
-  full = step_time(dataclasses.replace(stage, num_layers=None))
+  runs = {"truncated": prepared(stage), "full": prepared(dataclasses.replace(stage, num_layers=None))}
+  times = {k: [] for k in runs}
+  for _ in range(args.steps):  # alternate, so drift on a shared machine hits both alike
+    for k, p in runs.items():
+      times[k].append(one_step(p))
+  truncated, full = (float(np.median(times[k])) for k in ("truncated", "full"))
   rows.append((layer, truncated, full))
   print(f"phase {layer:>2}: truncated {truncated * 1e3:8.1f} ms/step   full depth "
         f"{full * 1e3:8.1f} ms/step   ratio {truncated / full:.3f}", flush=True)
