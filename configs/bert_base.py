@@ -19,13 +19,8 @@ def get_config(arg=None):
   c.data.vocab = "train:30522"
   c.data.batch_size = 256
   if arg.smoke:
-    c.model = common.model_section("bert_base_micro")
-    common.smoke_data(c)
+    common.smoke(c, "bert_base_micro")
     c.train.steps = 200
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 20
-    c.train.log_every = 10
-    c.train.eval_every = 100
-    c.train.eval_steps = 4
-    c.train.checkpoint_every = 100
   return c

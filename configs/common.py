@@ -129,6 +129,19 @@ def pretraining_schedule(c: ml_collections.ConfigDict) -> None:
   c.schedule.end_factor = c.train.get_ref("end_factor")
 
 
+def smoke(c: ml_collections.ConfigDict, model: str) -> None:
+  """Shrinks any preset to a CPU-sized run: micro model, built-in corpus, one device axis."""
+  c.model = model_section(model)
+  smoke_data(c)
+  c.train.log_every = 10
+  c.train.eval_every = 100
+  c.train.eval_steps = 4
+  c.train.checkpoint_every = 100
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+
 def smoke_data(c: ml_collections.ConfigDict) -> None:
   """CPU-sized data: the built-in corpus, a small trained vocabulary, short sequences."""
   c.data.source = "builtin"

@@ -40,17 +40,10 @@ def get_config(arg=None):
   if arg.preset == "scratch":
     c.train.dropout = True
   if arg.smoke:
-    c.model = common.model_section(arg.student + "_micro")
-    common.smoke_data(c)
+    common.smoke(c, arg.student + "_micro")
     c.schedule.steps_per_layer = 40
     c.schedule.transfer_steps = 160
     c.schedule.distill_steps = 200
     c.schedule.learning_rate = 2e-3
     c.schedule.warmup_steps = 20
-    c.train.log_every = 10
-    c.train.eval_every = 100
-    c.train.eval_steps = 4
-    c.train.checkpoint_every = 100
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
   return c

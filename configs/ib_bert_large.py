@@ -33,15 +33,8 @@ def get_config(arg=None):
   c.mesh.data = 1
   c.mesh.fsdp = -1
   if arg.smoke:
-    c.model = common.model_section("ib_bert_large_micro")
-    common.smoke_data(c)
+    common.smoke(c, "ib_bert_large_micro")
     c.train.steps = 300
     c.train.learning_rate = 2e-3
     c.train.warmup_steps = 30
-    c.train.log_every = 10
-    c.train.eval_every = 100
-    c.train.eval_steps = 4
-    c.train.checkpoint_every = 100
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
   return c

@@ -298,6 +298,28 @@ def compute_loss(ctx: StepContext, params, teacher_params, batch, rng):
   return total, terms
 
 
+def guarded_update(state, tx, loss, grads):
+  """One optimizer update, skipped (and counted) when the loss, the gradient or the updated
+  parameters are not finite, so no checkpoint can ever hold a non-finite parameter.
+
+  Returns (new state, gradient norm, finite flag). `state` holds step, params, opt_state,
+  nonfinite (consecutive skips) and skipped (total skips).
+  """
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = {
+      "step": state["step"] + 1,
+      "params": keep(params, state["params"]),
+      "opt_state": keep(opt_state, state["opt_state"]),
+      "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32),
+      "skipped": (state["skipped"] + (~finite).astype(jnp.int32)).astype(jnp.int32),
+  }
+  return new_state, grad_norm, finite
+
+
 def make_train_step(ctx: StepContext) -> Callable:
   def grad_fn(params, teacher_params, batch, rng):
     return jax.value_and_grad(compute_loss, argnums=1, has_aux=True)(
@@ -308,20 +330,7 @@ def make_train_step(ctx: StepContext) -> Callable:
     (loss, terms), grads = optim.accumulate_gradients(
         lambda p, mb, r: grad_fn(p, teacher_params, mb, r), state["params"], batch,
         ctx.grad_accum, rng=rng)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = ctx.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    # An update that would leave a non-finite parameter is skipped too, so no checkpoint can
-    # ever hold one.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = {
-        "step": state["step"] + 1,
-        "params": keep(params, state["params"]),
-        "opt_state": keep(opt_state, state["opt_state"]),
-        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32),
-        "skipped": (state["skipped"] + (~finite).astype(jnp.int32)).astype(jnp.int32),
-    }
+    new_state, grad_norm, finite = guarded_update(state, ctx.tx, loss, grads)
     out = dict(terms)
     out.update(grad_norm=grad_norm, param_norm=optax.tree.norm(state["params"]),
                finite=finite.astype(jnp.float32))

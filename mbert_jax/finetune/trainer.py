@@ -615,19 +615,8 @@ def make_train_step(model, info: TaskInfo, tx, lr_schedule, dropout_key,
     rng = jax.random.fold_in(dropout_key, state["step"])
     (loss, terms), grads = optim.accumulate_gradients(grad_fn, state["params"], batch,
                                                       grad_accum, rng=rng)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
     # A non-finite step is skipped, not applied; the loop stops after too many in a row.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = {
-        "step": state["step"] + 1,
-        "params": keep(params, state["params"]),
-        "opt_state": keep(opt_state, state["opt_state"]),
-        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32),
-        "skipped": (state["skipped"] + (~finite).astype(jnp.int32)).astype(jnp.int32),
-    }
+    new_state, grad_norm, _ = train_lib.guarded_update(state, tx, loss, grads)
     out = dict(terms)
     # One optimizer update per step from a fresh state, so its count is the step.
     out.update(grad_norm=grad_norm, param_norm=optax.tree.norm(state["params"]),
