@@ -19,7 +19,8 @@ Runs, all with T = L * steps_per_layer + distill_steps total steps (L = student 
 
 Arguments (comma-separated): `smoke` (CPU size), `tiny` (seconds per run; the tests' size),
 `steps_per_layer=N`, `distill_steps=N`, `teacher_steps=N` (0 = the size's default),
-`teacher=PATH` (an existing teacher workdir or Hugging Face directory: no set-up run).
+`teacher=PATH` (an existing teacher workdir or Hugging Face directory: no set-up run), `demo`
+(configs/demo.py's small-batch recipe: AdamW, batch 32, no dropout in any run, scratch included).
 Default: the paper's budget (24 x 10k + 500k = 740k steps, batch 2048) for accelerators.
 """
 
@@ -56,7 +57,7 @@ _BUDGET = {"full": (10_000, 500_000, 500_000), "smoke": (40, 200, 600), "tiny": 
 
 def _arg(arg):
   a = common.parse_arg(arg, smoke=False, tiny=False, steps_per_layer=0, distill_steps=0,
-                       teacher_steps=0, teacher="")
+                       teacher_steps=0, teacher="", demo=False)
   size = "tiny" if a.tiny else "smoke" if a.smoke else "full"
   spl, distill, teacher_steps = _BUDGET[size]
   for key, default in (("steps_per_layer", spl), ("distill_steps", distill),
@@ -93,6 +94,14 @@ def get_config(arg=None):
   c.schedule.steps_per_layer = a.steps_per_layer
   c.schedule.distill_steps = a.distill_steps
   c.schedule.warmup_steps = min(c.schedule.warmup_steps, a.distill_steps // 10)
+  if a.demo:
+    # configs/demo.py's recipe at batch 32: AdamW, no dropout (LAMB's trust-ratio steps are
+    # tuned for batches in the thousands).
+    c.data.batch_size = 32
+    c.train.optimizer = "adamw"
+    c.train.dropout = False
+    c.train.eval_steps = 8
+    c.schedule.learning_rate = 2e-3
   return c
 
 
@@ -129,7 +138,7 @@ def get_sweep(arg=None):
       {"schedule.name": "jkt", "schedule.transfer_steps": transfer},
       {"schedule.name": "akt", "schedule.distill_steps": budget},
       {"schedule.name": "pd_only", "schedule.distill_steps": budget},
-      {"schedule.name": "scratch", "schedule.distill_steps": budget, "train.dropout": True},
+      {"schedule.name": "scratch", "schedule.distill_steps": budget, "train.dropout": not a.demo},
   ]
   runs = sw.zip_(sw.sweep("name", STRATEGIES), strategies)
   runs += sw.product(

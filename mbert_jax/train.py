@@ -508,6 +508,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info("copied %d tensors from the teacher: %s", len(copied), sorted({c.rsplit('/', 2)[0] for c in copied}))
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  kind = jax.devices()[0].device_kind
+  if metrics_lib.peak_flops(kind, tc.compute_dtype) is None and is_main:
+    print(f"MFU not reported: no peak FLOP/s known for device kind {kind!r} "
+          "(add it to mbert_jax.metrics.PEAK_FLOPS)", flush=True)
   progress = metrics_lib.Progress(end_step, start, enabled=is_main and tc.progress_bar)
   eval_fn = jax.jit(make_eval_step(model, teacher_model))
 

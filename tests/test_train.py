@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -94,6 +96,55 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, cache_dir):
     assert all(np.all(np.isfinite(v)) for v in final_params(workdir, step).values())
   skipped = [r["skipped_steps"] for r in metrics_rows(workdir) if "skipped_steps" in r]
   assert skipped == sorted(skipped) and skipped[-1] >= 2
+
+
+def test_smoke_teacher_mlm_loss_falls(tmp_path, cache_dir):
+  c = tiny_teacher_config(cache_dir, steps=60)
+  c.train.optimizer = "adamw"
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 6
+  c.train.dropout = False
+  c.train.checkpoint_every = 60
+  train.train_and_evaluate(c, str(tmp_path / "falls"))
+  mlm = [r["mlm_loss"] for r in metrics_rows(str(tmp_path / "falls")) if "mlm_loss" in r]
+  assert np.mean(mlm[-10:]) < np.mean(mlm[:5]) - 0.5, mlm
+
+
+def test_bf16_compute_keeps_fp32_params_state_and_losses(tmp_path, cache_dir):
+  c = tiny_teacher_config(cache_dir, steps=2)
+  c.train.compute_dtype = "bfloat16"
+  c.train.checkpoint_every = 2
+  workdir = str(tmp_path / "bf16")
+  report = train.train_and_evaluate(c, workdir)
+  assert report["status"] == "completed"
+  params = final_params(workdir)
+  assert all(v.dtype == np.float32 for v in params.values())
+  rows = [r for r in metrics_rows(workdir) if "loss" in r]
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  # The optimizer state as saved: every floating leaf float32.
+  from mbert_jax.checkpoint import Checkpointer
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  meta = ckpt.read_meta(2)
+  _, state, _ = ckpt.restore_latest_good(lambda m: _abstract_state_for(c, workdir, m))
+  ckpt.close()
+  assert meta["step"] == 2
+  floats = [x for x in jax.tree.leaves(state["opt_state"]) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and all(x.dtype == jnp.float32 for x in floats)
+
+
+def _abstract_state_for(c, workdir, meta):
+  import json as _json
+  from mbert_jax import schedule as schedule_lib, sharding
+  from mbert_jax.models import ModelConfig
+  with open(os.path.join(workdir, "model_config.json")) as f:
+    cfg = ModelConfig.from_dict(_json.load(f))
+  mesh = sharding.make_mesh(c.mesh)
+  _, abs_params, p_sh = train.abstract_params(cfg, mesh, sharding.DEFAULT_RULES)
+  stage = schedule_lib.build_schedule(c.schedule, cfg.num_hidden_layers)[meta["stage_index"]]
+  tx = train.optim.build_optimizer(train.optimizer_config(c.train), abs_params,
+                                   schedule_lib.lr_multiplier_tree(stage, abs_params),
+                                   lr_schedule=stage.learning_rate)
+  return train.abstract_state(train.state_shardings(p_sh, tx, abs_params, mesh), abs_params, tx)
 
 
 def test_bad_config_fails_before_compiling(tmp_path, cache_dir):
