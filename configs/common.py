@@ -151,3 +151,20 @@ def smoke_data(c: ml_collections.ConfigDict) -> None:
   c.data.batch_size = 16
   c.model.vocab_size = -1      # -1: take the size of the tokenizer's vocabulary
   c.model.max_position_embeddings = 64
+
+
+def finetune_smoke(c: ml_collections.ConfigDict, seq: int, train_examples: int,
+                   eval_examples: int) -> None:
+  """CPU-sized fine-tuning: a random 2-layer micro model with a small trained vocabulary."""
+  c.init.checkpoint = ""
+  c.model = model_section("mobilebert_micro", num_hidden_layers=2)
+  c.model.vocab_size = -1
+  c.data.train_vocab_size = 1024
+  c.data.max_seq_length = seq
+  c.data.batch_size = 16
+  c.task.max_train_examples = train_examples
+  c.task.max_eval_examples = eval_examples
+  c.train.steps = 60
+  c.train.learning_rate = 3e-3  # a random micro model needs far more than 5e-5 to move
+  c.train.log_every = 10
+  c.train.checkpoint_every = 20

@@ -36,17 +36,6 @@ def get_config(arg=None):
 
 
 def smoke(c):
-  c.init.checkpoint = ""
-  c.model = common.model_section("mobilebert_micro", num_hidden_layers=2)
-  c.model.vocab_size = -1
-  c.data.train_vocab_size = 1024
-  c.data.max_seq_length = 128
-  c.data.batch_size = 16
+  common.finetune_smoke(c, seq=128, train_examples=500, eval_examples=200)
   c.finetune.doc_stride = 32
   c.finetune.max_query_length = 24
-  c.task.max_train_examples = 500
-  c.task.max_eval_examples = 200
-  c.train.steps = 60
-  c.train.learning_rate = 3e-3  # a random micro model needs far more than 4e-5 to move
-  c.train.log_every = 10
-  c.train.checkpoint_every = 20
