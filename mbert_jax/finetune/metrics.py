@@ -330,7 +330,7 @@ def squad_f1(prediction: str, gold: str, version: str = "1.1") -> float:
   """
   pred_tokens = normalize_answer(prediction).split()
   gold_tokens = normalize_answer(gold).split()
-  if _version(version) == "2.0" and (not pred_tokens or not gold_tokens):
+  if squad_version(version) == "2.0" and (not pred_tokens or not gold_tokens):
     return float(pred_tokens == gold_tokens)
   overlap = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
   same = sum(overlap.values())
@@ -341,7 +341,8 @@ def squad_f1(prediction: str, gold: str, version: str = "1.1") -> float:
   return 2.0 * precision * recall / (precision + recall)
 
 
-def _version(version: str) -> str:
+def squad_version(version: str) -> str:
+  """'1.1' or '2.0' from the spellings users write (1, v1.1, 2, 2.0, ...)."""
   v = str(version).lower().lstrip("v")
   if v in ("1", "1.1"):
     return "1.1"
@@ -468,7 +469,7 @@ def squad_metrics(predictions: Mapping[str, str], dataset: Any,
     such questions) and, with `na_probs`, `best_exact`, `best_exact_thresh`, `best_f1`,
     `best_f1_thresh`. v2.0 requires a prediction for every question.
   """
-  v = _version(version)
+  v = squad_version(version)
   if not isinstance(predictions, Mapping):
     raise ValueError("predictions must be a dict {question id: answer text}")
   gold = squad_gold_answers(dataset)

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mbert_jax.finetune.metrics import squad_version
 from mbert_jax.finetune.tasks import plain_tokenizer, special_token_ids
 
 __all__ = [
@@ -41,15 +42,6 @@ __all__ = [
 
 SQUAD_HUB = {"1.1": "rajpurkar/squad", "2.0": "rajpurkar/squad_v2"}
 _LOCAL_NAMES = {"train": "train-v{v}.json", "validation": "dev-v{v}.json"}
-
-
-def _version(version: str) -> str:
-  v = str(version).lower().lstrip("v")
-  if v in ("1", "1.1"):
-    return "1.1"
-  if v in ("2", "2.0"):
-    return "2.0"
-  raise ValueError(f"SQuAD version must be '1.1' or '2.0', got {version!r}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -131,7 +123,7 @@ def load_squad(path_or_hub: str | os.PathLike | None = None, version: str = "1.1
   """
   import datasets
 
-  v = _version(version)
+  v = squad_version(version)
   if path_or_hub is None:
     path_or_hub = SQUAD_HUB[v]
   source = os.fspath(path_or_hub)
