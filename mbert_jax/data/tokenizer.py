@@ -86,22 +86,33 @@ def check_special_tokens(tok: Tokenizer, where: str) -> dict[str, int]:
   return ids
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
-  """A vocab.txt, a tokenizer.json, or a directory holding either (tokenizer.json preferred)."""
+def tokenizer_file(spec: str) -> str:
+  """The tokenizer.json or vocab.txt a `data.vocab` spec names (a directory: tokenizer.json
+  preferred); FileNotFoundError naming the spec otherwise."""
   path = os.path.expanduser(spec)
   if os.path.isdir(path):
     for name in ("tokenizer.json", "vocab.txt"):
       if os.path.isfile(os.path.join(path, name)):
-        return load_tokenizer(os.path.join(path, name))
+        return os.path.join(path, name)
     raise FileNotFoundError(f"data.vocab={spec!r}: directory holds neither tokenizer.json nor "
                             f"vocab.txt")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"data.vocab={spec!r}: no such file")
+  return path
+
+
+def read_tokenizer_json(path: str, spec: str) -> Tokenizer:
+  try:
+    return Tokenizer.from_file(path)
+  except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+    raise ValueError(f"data.vocab={spec!r}: not a tokenizers JSON file ({e})") from e
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+  """A vocab.txt, a tokenizer.json, or a directory holding either (tokenizer.json preferred)."""
+  path = tokenizer_file(spec)
   if path.endswith(".json"):
-    try:
-      tok = Tokenizer.from_file(path)
-    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-      raise ValueError(f"data.vocab={spec!r}: not a tokenizers JSON file ({e})") from e
+    tok = read_tokenizer_json(path, spec)
     check_special_tokens(tok, f"tokenizer {path}")
     return tok
   return bert_uncased_tokenizer(read_vocab_txt(path), f"vocabulary {path}")

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mbert_jax.finetune.metrics import squad_version
-from mbert_jax.finetune.tasks import plain_tokenizer, special_token_ids
+from mbert_jax.finetune.tasks import parse_json_lines, plain_tokenizer, special_token_ids
 
 __all__ = [
     "SQUAD_HUB",
@@ -93,14 +93,7 @@ def _read_local_squad(path: str) -> list[dict[str, Any]]:
   if isinstance(data, list):
     records = data
   else:  # JSON lines of flat examples (the hub layout exported with to_json)
-    records = []
-    for line, raw in enumerate(text.splitlines(), start=1):
-      if raw.strip():
-        try:
-          records.append(json.loads(raw))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{line}: neither SQuAD JSON nor JSON lines ({e.msg})"
-                           ) from None
+    records = parse_json_lines(text, path)
   if records and isinstance(records[0], Mapping) and "paragraphs" in records[0]:
     return flatten_squad_json(records)
   return [dict(r) for r in records]

@@ -203,6 +203,11 @@ def _read_json(path: str) -> list[dict[str, Any]]:
       if isinstance(data.get("data"), list):
         return data["data"]
       raise ValueError(f"{path}: a JSON object must hold the records in a 'data' list")
+  return parse_json_lines(text, path)
+
+
+def parse_json_lines(text: str, path: str) -> list[Any]:
+  """One JSON value per non-blank line; ValueError naming the file and line of a bad one."""
   records = []
   for line, raw in enumerate(text.splitlines(), start=1):
     if raw.strip():

@@ -430,21 +430,12 @@ def load_backbone(source: InitSource, init_cfg, abs_params, shardings) -> dict[s
 
 def load_tokenizer(spec: str, lower_case: bool = True):
   """A `tokenizers.Tokenizer` from a vocab.txt, a tokenizer.json or a directory with either."""
-  from tokenizers import Tokenizer
-  path = os.path.expanduser(spec)
-  if os.path.isdir(path):
-    for name in ("tokenizer.json", "vocab.txt"):
-      if os.path.isfile(os.path.join(path, name)):
-        return load_tokenizer(os.path.join(path, name), lower_case)
-    raise FileNotFoundError(f"data.vocab = {spec!r}: directory holds neither tokenizer.json nor "
-                            "vocab.txt")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"data.vocab = {spec!r}: no such file")
+  # Same file resolution as pretraining; a vocab.txt may be cased here, and fine-tuning needs
+  # only [CLS]/[SEP]/[PAD] (no [MASK]).
+  from mbert_jax.data.tokenizer import read_tokenizer_json, tokenizer_file
+  path = tokenizer_file(spec)
   if path.endswith(".json"):
-    try:
-      tok = Tokenizer.from_file(path)
-    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-      raise ValueError(f"data.vocab = {spec!r}: not a tokenizers JSON file ({e})") from e
+    tok = read_tokenizer_json(path, spec)
   else:
     tok = tasks_lib.build_wordpiece_tokenizer(path, lowercase=lower_case)
   tasks_lib.special_token_ids(tok)  # [CLS]/[SEP]/[PAD] must exist
