@@ -7,7 +7,6 @@ a comma-separated list such as `smoke` or `smoke,preset=jkt` (big_vision's `pars
 from __future__ import annotations
 
 import ml_collections
-from ml_collections import config_dict
 
 from mbert_jax.data.config import default_data_config
 from mbert_jax.models.config import preset as model_preset

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -532,6 +531,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "data_seed": int(config.data.seed), "data_position": int(step),
             "train_seed": int(tc.seed), "schedule": config.schedule.name}
 
+  # Fixed for the whole run: every stage sees the same batch shapes and the same teacher.
+  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim)
+              for k, v in pipe.batch_at(start, jax.process_index(), jax.process_count()).items()}
+  t_sh = jax.tree.map(lambda a: a.sharding, teacher_params) if teacher_params is not None else None
   last_eval: dict[str, float] = {}
   stage_times: dict[str, float] = {}
   status = "completed"
@@ -552,9 +555,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ctx = StepContext(model, teacher_model, stage, tx, kt, int(tc.seed), bool(tc.dropout),
                         int(tc.grad_accum_steps), s_cfg.num_hidden_layers,
                         t_cfg.num_hidden_layers if t_cfg else None)
-      batch_sh = {k: sharding.batch_sharding(mesh, v.ndim)
-                  for k, v in pipe.batch_at(0, jax.process_index(), jax.process_count()).items()}
-      t_sh = jax.tree.map(lambda a: a.sharding, teacher_params) if teacher_params is not None else None
       step_fn = jax.jit(make_train_step(ctx), in_shardings=(st_sh, t_sh, batch_sh),
                         out_shardings=(st_sh, sharding.replicated(mesh)), donate_argnums=(0,))
       flops_per_example = stage_flops(stage, s_cfg, t_cfg, seq, preds)
