@@ -26,7 +26,6 @@ from mbert_jax.models import ModelConfig
 def load_run(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any, int]:
   """Model config and params (numpy) of an mbert-jax run's checkpoint (latest good by default)."""
   from mbert_jax import checkpoint as ckpt_lib
-  from mbert_jax.train import abstract_params
   cfg_path = os.path.join(workdir, "model_config.json")
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f"{workdir} is not an mbert-jax run directory (no model_config.json)")
@@ -34,7 +33,7 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any, i
     cfg = ModelConfig.from_dict(json.load(f))
   from mbert_jax import sharding
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  _, abstract, shardings = abstract_params(cfg, mesh, sharding.DEFAULT_RULES)
+  _, abstract, shardings = sharding.abstract_params(cfg, mesh, sharding.DEFAULT_RULES)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
   params, at = ckpt_lib.restore_params_only(os.path.join(workdir, "checkpoints"), target, step)

@@ -161,3 +161,54 @@ def follow_params(abstract_tree, param_shardings, abstract_params, mesh: Mesh) -
     return rep
 
   return jax.tree_util.tree_map_with_path(one, abstract_tree)
+
+
+# ---------------------------------------------------------------------------- model params
+
+def abstract_model_params(model: nn.Module, init_args: Sequence[Any], mesh: Mesh, rules,
+                          **init_kwargs):
+  """(boxed abstract tree, unboxed ShapeDtypeStructs, NamedShardings), nothing allocated."""
+  boxed = jax.eval_shape(lambda k: model.init(k, *init_args, **init_kwargs)["params"],
+                         jax.random.key(0))
+  unboxed = nn.unbox(boxed)
+  return boxed, unboxed, tree_shardings(nn.get_partition_spec(boxed), unboxed, mesh, rules)
+
+
+def init_model_params(model: nn.Module, init_args: Sequence[Any], key, shardings, **init_kwargs):
+  """Every parameter created already sharded (jit with out_shardings)."""
+  init = jax.jit(lambda k: nn.unbox(model.init(k, *init_args, **init_kwargs)["params"]),
+                 out_shardings=shardings)
+  return init(key)
+
+
+def pretraining_init_args(cfg, batch: int = 1, seq: int = 8):
+  """Dummy (input_ids,) and masked positions for building a pretraining model's params."""
+  import jax.numpy as jnp
+  seq = min(seq, cfg.max_position_embeddings)
+  return (jnp.zeros((batch, seq), jnp.int32),), {"masked_positions": jnp.zeros((batch, min(2, seq)), jnp.int32)}
+
+
+def abstract_params(cfg, mesh: Mesh, rules):
+  """Abstract params of the pretraining model (`models.build(cfg)`): boxed, unboxed, shardings."""
+  from mbert_jax.models import build
+  args, kwargs = pretraining_init_args(cfg)
+  return abstract_model_params(build(cfg), args, mesh, rules, **kwargs)
+
+
+def init_params(cfg, seed: int, mesh: Mesh, rules):
+  """Sharded fresh params of the pretraining model, and their shardings."""
+  from mbert_jax.models import build
+  args, kwargs = pretraining_init_args(cfg)
+  _, _, shardings = abstract_params(cfg, mesh, rules)
+  return init_model_params(build(cfg), args, jax.random.key(seed), shardings, **kwargs), shardings
+
+
+def place_tree(tree, shardings):
+  """Host arrays (numpy) onto devices with the given shardings, as float32."""
+  return jax.tree.map(lambda a, s: jax.device_put(np.asarray(a, np.float32), s), tree, shardings)
+
+
+def with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs carrying their target shardings (restore targets)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_tree, shardings)

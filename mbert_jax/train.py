@@ -10,20 +10,17 @@ what makes a resumed run equal an uninterrupted one bit for bit on CPU.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import traverse_util
 
 from mbert_jax import checkpoint as ckpt_lib
 from mbert_jax import losses
@@ -33,8 +30,11 @@ from mbert_jax import schedule as schedule_lib
 from mbert_jax import sharding
 from mbert_jax.models import ModelConfig, build
 from mbert_jax.models import summary as model_summary
+from mbert_jax.errors import NonFiniteError
+from mbert_jax.sharding import abstract_params, init_params
+from mbert_jax.teacher import init_student_from_teacher, load_teacher
+from mbert_jax.workdir import DONE_FILE, is_mbert_workdir, write_json
 
-DONE_FILE = "final.json"
 TERMS_NEEDING_HEADS = ("mlm", "kd")
 
 
@@ -98,101 +98,7 @@ def validate_config(config) -> None:
   sharding.mesh_shape(config.mesh, jax.device_count())
 
 
-# ============================================================================ teacher
-
-def is_mbert_workdir(path: str) -> bool:
-  return os.path.exists(os.path.join(path, "model_config.json"))
-
-
-def load_teacher(teacher_cfg, mesh, rules) -> tuple[ModelConfig, Any]:
-  """Teacher config and params (sharded by the same rules), from a workdir or an HF directory."""
-  path = teacher_cfg.checkpoint
-  dtype = teacher_cfg.compute_dtype
-  if is_mbert_workdir(path):
-    with open(os.path.join(path, "model_config.json")) as f:
-      cfg = ModelConfig.from_dict(json.load(f)).replace(compute_dtype=dtype)
-    _, abstract, shardings = abstract_params(cfg, mesh, rules)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-    step = None if teacher_cfg.step < 0 else int(teacher_cfg.step)
-    params, at = ckpt_lib.restore_params_only(os.path.join(path, "checkpoints"), target, step)
-    logging.info("teacher: %s step %d", path, at)
-    return cfg, params
-  if os.path.exists(os.path.join(path, "config.json")):
-    from mbert_jax import hf
-    cfg, np_params = hf.load(path)
-    cfg = cfg.replace(compute_dtype=dtype)
-    _, _, shardings = abstract_params(cfg, mesh, rules)
-    return cfg, jax.tree.map(lambda a, s: jax.device_put(np.asarray(a, np.float32), s),
-                             np_params, shardings)
-  raise FileNotFoundError(f"teacher.checkpoint = {path!r} holds neither an mbert-jax run "
-                          "(model_config.json) nor a Hugging Face model (config.json)")
-
-
-def init_student_from_teacher(params, teacher_params, s_cfg: ModelConfig, t_cfg: ModelConfig,
-                              teacher_cfg) -> tuple[Any, list[str]]:
-  """Copies embeddings and heads (spec §9.3); returns new params and the copied paths."""
-  if s_cfg.hidden_size != t_cfg.hidden_size:
-    raise ValueError(f"teacher hidden_size {t_cfg.hidden_size} != student hidden_size "
-                     f"{s_cfg.hidden_size}: feature maps must have the same width")
-  norm = teacher_cfg.copy_embedding_norm
-  if norm == "auto":
-    norm = s_cfg.normalization_type == t_cfg.normalization_type
-  prefixes = []
-  if teacher_cfg.copy_embeddings:
-    prefixes += ["embeddings/word_embeddings/", "embeddings/embedding_transformation/",
-                 "embeddings/position_embeddings/", "embeddings/token_type_embeddings/"]
-  if norm:
-    prefixes.append("embeddings/norm/")
-  if teacher_cfg.copy_mlm_head:
-    prefixes.append("cls/predictions/")
-  if teacher_cfg.copy_nsp_head:
-    prefixes.append("cls/seq_relationship/")
-  s_flat = traverse_util.flatten_dict(params, sep="/")
-  t_flat = traverse_util.flatten_dict(teacher_params, sep="/")
-  copied = []
-  for path in s_flat:
-    if not any(path.startswith(p) for p in prefixes):
-      continue
-    if path not in t_flat:
-      raise ValueError(f"cannot copy {path} from the teacher: the teacher has no such parameter")
-    if t_flat[path].shape != s_flat[path].shape:
-      raise ValueError(f"cannot copy {path} from the teacher: shape {t_flat[path].shape} vs "
-                       f"student {s_flat[path].shape}")
-    # A real copy: device_put onto an equal sharding would alias the teacher's buffer, and
-    # the student's state is donated to every step while the teacher's must survive it.
-    s_flat[path] = jax.device_put(jnp.copy(t_flat[path]), s_flat[path].sharding)
-    copied.append(path)
-  return traverse_util.unflatten_dict(s_flat, sep="/"), copied
-
-
 # ============================================================================ state
-
-def dummy_inputs(cfg: ModelConfig, batch: int = 1, seq: int = 8):
-  seq = min(seq, cfg.max_position_embeddings)
-  return (jnp.zeros((batch, seq), jnp.int32), jnp.zeros((batch, min(2, seq)), jnp.int32))
-
-
-def abstract_params(cfg: ModelConfig, mesh, rules):
-  """(boxed abstract tree, unboxed ShapeDtypeStructs, NamedShardings) without allocating."""
-  model = build(cfg)
-  ids, pos = dummy_inputs(cfg)
-  boxed = jax.eval_shape(lambda k: model.init(k, ids, masked_positions=pos)["params"],
-                         jax.random.key(0))
-  unboxed = nn.unbox(boxed)
-  shardings = sharding.tree_shardings(nn.get_partition_spec(boxed), unboxed, mesh, rules)
-  return boxed, unboxed, shardings
-
-
-def init_params(cfg: ModelConfig, seed: int, mesh, rules):
-  """Each parameter is created already sharded (jit with out_shardings)."""
-  model = build(cfg)
-  ids, pos = dummy_inputs(cfg)
-  _, _, shardings = abstract_params(cfg, mesh, rules)
-  init = jax.jit(lambda k: nn.unbox(model.init(k, ids, masked_positions=pos)["params"]),
-                 out_shardings=shardings)
-  return init(jax.random.key(seed)), shardings
-
 
 def state_shardings(params_shardings, tx, abstract_params_tree, mesh):
   """Shardings of the whole train state; optimizer moments follow their parameters."""
@@ -406,19 +312,6 @@ class _Preemption:
     from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.asarray(int(self.requested), np.int32))
     return bool(np.max(flags))
-
-
-class NonFiniteError(RuntimeError):
-  pass
-
-
-def write_json(path: str, obj: Any) -> None:
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True, default=str)
-  os.replace(tmp, path)
 
 
 def stage_flops(stage, s_cfg: ModelConfig, t_cfg: ModelConfig | None, seq: int, preds: int) -> float:

@@ -1,0 +1,42 @@
+"""One way for every command to end on a known error: one line on stderr and exit status 2.
+
+A user who gives a wrong path, a bad override or a broken corpus gets the message the code
+raised (which names the field or file to change), not a traceback. Unknown errors still raise
+with their traceback: those are bugs to report.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+USAGE_EXIT = 2
+NONFINITE_EXIT = 3
+
+
+class UsageError(ValueError):
+  """A problem with what the user asked for (config, flags, inputs), named in the message."""
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+  return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def fail(message: str, code: int = USAGE_EXIT) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _message(e: BaseException) -> str:
+  return " ".join(str(e).split()) or type(e).__name__
+
+
+def guarded(fn: Callable[..., Any], *args, **kwargs) -> Any:
+  """Calls `fn`; a known error becomes `error: <message>` and exit 2 (non-finite runs: 3)."""
+  from mbert_jax.errors import NonFiniteError
+  try:
+    return fn(*args, **kwargs)
+  except NonFiniteError as e:
+    fail(_message(e), NONFINITE_EXIT)
+  except known_errors() as e:
+    fail(_message(e))
