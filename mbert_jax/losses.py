@@ -464,3 +464,114 @@ def transfer_losses(student_out: Any, teacher_out: Any, attention_mask: Array | 
     per_term["mean"].append(beta)
     per_term["var"].append(gamma)
   return {term: jnp.stack(values) for term, values in per_term.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse MLM distillation: the teacher known only by its top-k logits (mbert_jax.teacher_cache)
+# ----------------------------------------------------------------------------------------------
+
+def _check_topk_inputs(student_logits: Array, topk_values: Array, topk_indices: Array,
+                       log_normalizer: Array) -> None:
+  batch_predictions = tuple(jnp.shape(student_logits)[:2])
+  vocab = jnp.shape(student_logits)[-1]
+  if jnp.ndim(topk_values) != 3 or tuple(jnp.shape(topk_values)[:2]) != batch_predictions:
+    raise ValueError(f"top-k teacher values shape {jnp.shape(topk_values)} is not [batch, "
+                     f"predictions, k] with [batch, predictions] = {batch_predictions}")
+  if jnp.shape(topk_indices) != jnp.shape(topk_values):
+    raise ValueError(f"top-k teacher indices shape {jnp.shape(topk_indices)} != values shape "
+                     f"{jnp.shape(topk_values)}")
+  if not jnp.issubdtype(jnp.asarray(topk_indices).dtype, jnp.integer):
+    raise ValueError(f"top-k teacher indices must be integers, got {jnp.asarray(topk_indices).dtype}")
+  if not 1 <= jnp.shape(topk_values)[-1] <= vocab:
+    raise ValueError(f"top-k: k = {jnp.shape(topk_values)[-1]} must lie in [1, vocab = {vocab}]")
+  if tuple(jnp.shape(log_normalizer)) != batch_predictions:
+    raise ValueError(f"teacher log-normaliser shape {jnp.shape(log_normalizer)} != [batch, "
+                     f"predictions] {batch_predictions}")
+
+
+def _log_mass_outside(log_probs: Array, listed: Array) -> tuple[Array, Array]:
+  """(log of the probability outside the listed entries, whether any entry is outside).
+
+  Summing the unlisted probabilities directly (a masked log-sum-exp) stays exact where
+  1 - sum(listed) would cancel. Rows with nothing outside get a dummy finite row, so neither
+  the value nor the gradient sees a log-sum-exp over nothing; callers mask them out.
+  """
+  has_rest = ~jnp.all(listed, axis=-1)
+  outside = jnp.where(listed, -jnp.inf, log_probs)
+  outside = jnp.where(has_rest[..., None], outside, 0.0)
+  return jax.nn.logsumexp(outside, axis=-1), has_rest
+
+
+def sparse_kd_loss(student_logits: Array, topk_values: Array, topk_indices: Array,
+                   log_normalizer: Array, labels: Array, weights: Array, *,
+                   temperature: float = 1.0, alpha: float = 0.0) -> tuple[Array, dict[str, Array]]:
+  """`distillation_mlm_loss` against a teacher known by its top-k logits only (cached targets).
+
+  The teacher's distribution at a position is kept exactly on k + 1 outcomes: the k listed
+  tokens, p_i = exp(topk_values_i / T - log_normalizer), and "any other token", with the
+  remaining mass r = 1 - sum_i p_i. The student's distribution q is grouped the same way, so
+
+    kd_ce = -sum_i p_i log q(token_i) - r log q(unlisted)
+
+  is a cross-entropy between two proper distributions (kd_kl >= 0, 0 when the grouped
+  distributions agree). Its gradient wrt the student logits is q - y, where y is p on the
+  listed tokens and spreads r over the others in proportion to the student's own
+  probabilities. With k = V nothing is unlisted and this is `distillation_mlm_loss` exactly.
+
+  student_logits [B, P, V]; labels, weights [B, P] as in `mlm_loss`.
+  topk_values [B, P, k]: teacher logits of the listed tokens, in any dtype and with any shift
+    common to a position (the cache stores logit minus the top-1 logit in 16 bits), sorted in
+    descending order so entry 0 is the teacher's top-1 (used for `agreement`).
+  topk_indices [B, P, k]: their vocabulary ids (any integer dtype).
+  log_normalizer [B, P]: log sum over the WHOLE vocabulary of exp(teacher logit / T), with the
+    same shift and at the same temperature T as here; it is what keeps p a distribution.
+  temperature divides the teacher's logits only, no T^2 factor (as `distillation_mlm_loss`).
+
+  Returns (alpha * ground_truth_ce + (1 - alpha) * kd_ce, metrics) with the metrics of
+  `distillation_mlm_loss`: ground_truth_ce, kd_ce, kd_kl, accuracy, agreement.
+  """
+  _check_mlm_inputs(student_logits, labels, weights)
+  _check_topk_inputs(student_logits, topk_values, topk_indices, log_normalizer)
+  if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"alpha (ground-truth ratio) must be in [0, 1], got {alpha}")
+  if isinstance(temperature, (int, float)) and not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  weights = _f32(weights)
+  denominator = jnp.sum(weights) + MLM_WEIGHT_EPS
+  indices = jnp.asarray(topk_indices).astype(jnp.int32)
+
+  teacher_log_probs = (_teacher_f32(topk_values) / temperature
+                       - _teacher_f32(log_normalizer)[..., None])
+  teacher_probs = jnp.exp(teacher_log_probs)
+  # Rounding of 16-bit values can push the listed mass a hair over 1; the rest is then 0.
+  listed_log_mass = jnp.minimum(jax.nn.logsumexp(teacher_log_probs, axis=-1), 0.0)
+  teacher_rest = -jnp.expm1(listed_log_mass)
+
+  student_log_probs = jax.nn.log_softmax(_f32(student_logits), axis=-1)
+  listed = jnp.put_along_axis(jnp.zeros(jnp.shape(student_logits), jnp.bool_), indices, True,
+                              axis=-1, inplace=False)
+  student_rest_log, has_rest = _log_mass_outside(student_log_probs, listed)
+  student_listed = jnp.take_along_axis(student_log_probs, indices, axis=-1)
+
+  def rest_term(log_q: Array) -> Array:
+    return jnp.where(has_rest, _xlogy_where_positive(teacher_rest, log_q), 0.0)
+
+  kd_per_position = -(jnp.sum(_xlogy_where_positive(teacher_probs, student_listed), axis=-1)
+                      + rest_term(student_rest_log))
+  teacher_entropy = -(jnp.sum(_xlogy_where_positive(teacher_probs, teacher_log_probs), axis=-1)
+                      + rest_term(jnp.log(teacher_rest)))
+  gt_per_position = -_label_log_prob(student_log_probs, labels)
+
+  ground_truth_ce = jnp.sum(weights * gt_per_position) / denominator
+  kd_ce = jnp.sum(weights * kd_per_position) / denominator
+  kd_kl = jnp.sum(weights * (kd_per_position - teacher_entropy)) / denominator
+  loss = alpha * ground_truth_ce + (1.0 - alpha) * kd_ce
+  student_top1 = jnp.argmax(student_logits, axis=-1)
+  metrics = {
+      "ground_truth_ce": ground_truth_ce,
+      "kd_ce": kd_ce,
+      "kd_kl": kd_kl,
+      "accuracy": _weighted_accuracy(student_top1, labels, weights),
+      "agreement": _weighted_accuracy(student_top1, indices[..., 0], weights),
+  }
+  return loss, metrics
