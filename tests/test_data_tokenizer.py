@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from mbert_jax.data import tokenizer as T
 from mbert_jax.data.builtin_corpus import iter_builtin_documents
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +47,43 @@ def test_bert_uncased_rules(trained):
   assert "".join(w.removeprefix("##") for w in words) == "decoder"
 
 
-def test_learn_vocab_merges_frequent_pairs_with_lexicographic_ties():
-  vocab = T.learn_wordpiece_vocab({"abab": 10, "abc": 5, "ba": 5}, 5 + 6 + 2)
-  base = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c", "##a", "##b", "##c"]
-  assert vocab[:11] == base
-  # ("a","##b") occurs 10*1 + 5 = 15 times, ("##a","##b") 10, ("b","##a") 5, ...
-  assert vocab[11] == "ab"
-  assert T.learn_wordpiece_vocab({"xy": 3, "yx": 3}, 5 + 4 + 1)[-1] == "xy"  # tie: smaller pair
+TRAIN_IN_A_PROCESS = """
+import hashlib, sys
+from mbert_jax.data import tokenizer as T
+from mbert_jax.data.builtin_corpus import iter_builtin_documents
+texts = [d.text for d in iter_builtin_documents("email*")]
+vocab = T.vocab_in_id_order(T.train_wordpiece(texts, 1500))
+print(hashlib.sha256("\\n".join(vocab).encode()).hexdigest())
+"""
+
+
+def test_training_is_deterministic_across_processes():
+  # The Rust trainer's hash maps are seeded per process: unpinned, two runs differ in both
+  # the order and the set of tokens. Three fresh processes must agree exactly.
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  digests = {subprocess.run([sys.executable, "-c", TRAIN_IN_A_PROCESS], capture_output=True,
+                            text=True, env=env, check=True, timeout=300).stdout.strip()
+             for _ in range(3)}
+  assert len(digests) == 1 and len(next(iter(digests))) == 64
+
+
+def test_alphabet_is_most_frequent_characters_with_ties_by_character(texts):
+  assert T._alphabet({"b": 3, "a": 3, "c": 5, "d": 1}, 3) == ["c", "a", "b"]
+  tok = T.train_wordpiece(texts, 400)
+  vocab = T.vocab_in_id_order(tok)
+  alphabet = vocab[5:5 + T.alphabet_limit(400)]
+  assert alphabet == sorted(alphabet) and all(len(ch) == 1 for ch in alphabet)
+  assert vocab[5 + len(alphabet):5 + 2 * len(alphabet)] == ["##" + ch for ch in alphabet]
+
+
+def test_alphabet_comes_from_the_sample_and_training_from_everything(texts):
+  head = texts[:5]
+  late = ["жук " * 40 + "xylophone xylophone " * 40]
+  tok = T.train_wordpiece(head + late, 400, sample_chars=sum(map(len, head)))
+  vocab = tok.get_vocab()
+  assert "ж" not in vocab and "##ж" not in vocab  # only after the sample: [UNK]
+  assert tok.encode("жук").tokens[1:-1] == ["[UNK]"]
+  assert "xylophone" in vocab  # frequent only in the late text, learned all the same
 
 
 def test_save_and_load_every_form(trained, tmp_path):

@@ -95,7 +95,7 @@ def test_encode_ignores_tokenizer_truncation_and_checks_vocab(tokenizer):
   out = tasks.encode_pairs(tok, ["alpha beta gamma delta"], None, 8)
   assert out["attention_mask"].sum() == 6
   assert tok.truncation is not None  # the caller's tokenizer is left as it was
-  with pytest.raises(ValueError, match="lacks \\[PAD\\]"):
+  with pytest.raises(ValueError, match=r"lacks the special tokens \['\[PAD\]'\]"):
     tasks.build_wordpiece_tokenizer(["[UNK]", "[CLS]", "[SEP]"])
   with pytest.raises(ValueError, match="differ in length"):
     tasks.encode_pairs(tokenizer, ["a", "b"], ["c"], 8)

@@ -1,33 +1,42 @@
-"""WordPiece tokenizers with BERT's uncased rules, loaded from files or trained on the corpus.
+"""WordPiece tokenizers with BERT's rules: the one place that builds, loads and trains them.
 
 BERT uncased = BertNormalizer (clean control characters, space out CJK, strip accents,
 lowercase) + BertPreTokenizer (split on whitespace and punctuation) + WordPiece with `##`
-continuation pieces and words over 100 characters mapped to [UNK].
+continuation pieces and words over 100 characters mapped to [UNK]; cased keeps case and accents.
+Pretraining and fine-tuning both load through `load_tokenizer` and build through
+`build_wordpiece`; `train_wordpiece` trains with the tokenizers library's Rust trainer, pinned
+down so that every run on the same text gives the same vocabulary.
 """
 
 from __future__ import annotations
 
 import collections
-import heapq
+import itertools
 import json
 import os
 import re
-from typing import Iterable
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
 
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+PRETRAINING_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# Fine-tuning never masks: a vocabulary without [MASK] is fine there.
+FINETUNE_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 # Trained vocabularies put [PAD] at id 0 as every BERT vocabulary does.
 TRAINING_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MIN_TRAINED_VOCAB = 64
 CONTINUATION_PREFIX = "##"
+# Part of vocabulary cache keys: bump when training would give a different vocabulary.
+TRAINER_VERSION = "hf-wordpiece-pinned-v1"
 _BRACKETED = re.compile(r"^\[[^\]]+\]$")
 
 
-def _bert_pipeline(tok: Tokenizer) -> Tokenizer:
+def _bert_pipeline(tok: Tokenizer, lower_case: bool = True) -> Tokenizer:
   tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                              strip_accents=True, lowercase=True)
+                                              strip_accents=lower_case, lowercase=lower_case)
   tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
   tok.decoder = decoders.WordPiece(prefix=CONTINUATION_PREFIX)
   return tok
@@ -42,13 +51,37 @@ def _add_post_processor(tok: Tokenizer) -> Tokenizer:
   return tok
 
 
+def _vocab_mapping(vocab: str | os.PathLike | Sequence[str] | Mapping[str, int]
+                   ) -> tuple[dict[str, int], str]:
+  if isinstance(vocab, (str, os.PathLike)):
+    return read_vocab_txt(os.fspath(vocab)), f"vocabulary {os.fspath(vocab)}"
+  if isinstance(vocab, Mapping):
+    return {str(k): int(v) for k, v in vocab.items()}, "the vocabulary"
+  mapping: dict[str, int] = {}
+  for i, token in enumerate(vocab):
+    if token in mapping:
+      raise ValueError(f"the vocabulary has duplicate tokens [{token!r}]; ids would be ambiguous")
+    mapping[token] = i
+  return mapping, "the vocabulary"
+
+
+def build_wordpiece(vocab: str | os.PathLike | Sequence[str] | Mapping[str, int], *,
+                    lower_case: bool = True,
+                    require: Sequence[str] = PRETRAINING_SPECIAL_TOKENS,
+                    where: str | None = None) -> Tokenizer:
+  """A BERT WordPiece tokenizer from a vocab.txt path, a token list (id = position) or a
+  token -> id mapping; ValueError naming any `require`d special token that is missing."""
+  mapping, default_where = _vocab_mapping(vocab)
+  tok = Tokenizer(models.WordPiece(mapping, unk_token="[UNK]", max_input_chars_per_word=100,
+                                   continuing_subword_prefix=CONTINUATION_PREFIX))
+  _bert_pipeline(tok, lower_case)
+  require_tokens(tok, require, where or default_where)
+  return _add_post_processor(tok)
+
+
 def bert_uncased_tokenizer(vocab: dict[str, int], where: str = "the vocabulary") -> Tokenizer:
   """An uncased BERT WordPiece tokenizer around a token -> id mapping."""
-  tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100,
-                                   continuing_subword_prefix=CONTINUATION_PREFIX))
-  _bert_pipeline(tok)
-  check_special_tokens(tok, where)
-  return _add_post_processor(tok)
+  return build_wordpiece(vocab, lower_case=True, where=where)
 
 
 def read_vocab_txt(path: str) -> dict[str, int]:
@@ -76,13 +109,27 @@ def read_vocab_txt(path: str) -> dict[str, int]:
   return vocab
 
 
+def require_tokens(tok: Tokenizer, require: Sequence[str], where: str) -> None:
+  missing = [t for t in require if tok.token_to_id(t) is None]
+  if missing:
+    raise ValueError(f"{where} lacks the special tokens {missing}; it needs all of "
+                     f"{list(require)}")
+
+
 def check_special_tokens(tok: Tokenizer, where: str) -> dict[str, int]:
   """The ids of [PAD]/[UNK]/[CLS]/[SEP]/[MASK]; ValueError naming any that are missing."""
-  ids = {name: tok.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}
-  missing = [SPECIAL_TOKENS[n] for n, i in ids.items() if i is None]
-  if missing:
-    raise ValueError(f"{where} lacks the special tokens {missing}; pretraining needs all of "
-                     f"{list(SPECIAL_TOKENS.values())}")
+  require_tokens(tok, PRETRAINING_SPECIAL_TOKENS, where)
+  return {name: tok.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}
+
+
+def token_ids(tok: Tokenizer, names: Sequence[str] = ("cls", "sep", "pad")) -> dict[str, int]:
+  """Ids of the named special tokens (keys of SPECIAL_TOKENS); ValueError if one is missing."""
+  ids = {}
+  for name in names:
+    token_id = tok.token_to_id(SPECIAL_TOKENS[name])
+    if token_id is None:
+      raise ValueError(f"the tokenizer's vocabulary has no {SPECIAL_TOKENS[name]} token")
+    ids[name] = int(token_id)
   return ids
 
 
@@ -108,14 +155,46 @@ def read_tokenizer_json(path: str, spec: str) -> Tokenizer:
     raise ValueError(f"data.vocab={spec!r}: not a tokenizers JSON file ({e})") from e
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
-  """A vocab.txt, a tokenizer.json, or a directory holding either (tokenizer.json preferred)."""
+def saved_lower_case(vocab_path: str) -> bool | None:
+  """`do_lower_case` from a tokenizer_config.json beside a vocab.txt (HF's layout), if any."""
+  config = os.path.join(os.path.dirname(vocab_path), "tokenizer_config.json")
+  try:
+    with open(config) as f:
+      value = json.load(f).get("do_lower_case")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return value if isinstance(value, bool) else None
+
+
+def load_tokenizer(spec: str, *, lower_case: bool | None = None,
+                   require: Sequence[str] = PRETRAINING_SPECIAL_TOKENS) -> Tokenizer:
+  """A vocab.txt, a tokenizer.json, or a directory holding either (tokenizer.json preferred).
+
+  A tokenizer.json carries its own normalisation and is used as written. A vocab.txt becomes a
+  BERT WordPiece tokenizer: cased or uncased per `lower_case`, or when None per the
+  `do_lower_case` of a tokenizer_config.json beside it, else uncased. `require`: the special
+  tokens that must exist (pretraining needs [MASK], fine-tuning FINETUNE_SPECIAL_TOKENS).
+  """
   path = tokenizer_file(spec)
   if path.endswith(".json"):
     tok = read_tokenizer_json(path, spec)
-    check_special_tokens(tok, f"tokenizer {path}")
+    require_tokens(tok, require, f"tokenizer {path}")
     return tok
-  return bert_uncased_tokenizer(read_vocab_txt(path), f"vocabulary {path}")
+  if lower_case is None:
+    lower_case = saved_lower_case(path)
+  return build_wordpiece(path, lower_case=True if lower_case is None else lower_case,
+                         require=require)
+
+
+def plain_tokenizer(tok: Tokenizer) -> Tokenizer:
+  """The tokenizer without its own truncation/padding, which would cut text before a caller's
+  pair-aware truncation (a copy; the given tokenizer is left unchanged)."""
+  if tok.truncation is None and tok.padding is None:
+    return tok
+  copy = Tokenizer.from_str(tok.to_str())
+  copy.no_truncation()
+  copy.no_padding()
+  return copy
 
 
 def parse_trained_vocab_size(spec: str) -> int | None:
@@ -133,103 +212,70 @@ def parse_trained_vocab_size(spec: str) -> int | None:
   return size
 
 
-def count_words(tok: Tokenizer, texts: Iterable[str]) -> collections.Counter:
-  """Word frequencies after BERT normalisation and pre-tokenisation."""
-  counts: collections.Counter = collections.Counter()
-  for text in texts:
-    normalized = tok.normalizer.normalize_str(text)
-    counts.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(normalized))
-  return counts
+# Characters sampled for the alphabet: the first 50M characters of the training text.
+ALPHABET_SAMPLE_CHARS = 50_000_000
 
 
-def _alphabet(word_counts: dict[str, int], limit: int) -> list[str]:
+def _alphabet(char_counts: Mapping[str, int], limit: int) -> list[str]:
   """The `limit` most frequent characters (ties by character, so the result is unique)."""
-  chars: collections.Counter = collections.Counter()
-  for w, c in word_counts.items():
-    for ch in w:
-      chars[ch] += c
-  return sorted(sorted(chars), key=lambda ch: -chars[ch])[:limit]
+  return sorted(sorted(char_counts), key=lambda ch: -char_counts[ch])[:limit]
 
 
-def _merged(a: str, b: str) -> str:
-  return a + b[len(CONTINUATION_PREFIX):]
+def alphabet_limit(vocab_size: int) -> int:
+  return max(1, min(max(48, vocab_size // 10), (vocab_size - len(TRAINING_SPECIALS)) // 2))
 
 
-def learn_wordpiece_vocab(word_counts: dict[str, int], vocab_size: int,
-                          min_frequency: int = 2) -> list[str]:
-  """A WordPiece vocabulary learned by frequency-driven pair merges (as HF's WordPieceTrainer,
-  which is BPE underneath), with every tie broken lexicographically.
-
-  HF's trainer breaks ties through hash-map order, so two runs on the same corpus can give
-  different vocabularies; processes that each train their own must agree, hence this.
-  """
-  limit = max(1, min(max(48, vocab_size // 10), (vocab_size - len(TRAINING_SPECIALS)) // 2))
-  alphabet = set(_alphabet(word_counts, limit))
-  # Words with a character outside the alphabet would be [UNK]: they take no part in merges.
-  words = sorted(w for w in word_counts if all(ch in alphabet for ch in w))
-  counts = [word_counts[w] for w in words]
-  symbols = [[w[0]] + [CONTINUATION_PREFIX + ch for ch in w[1:]] for w in words]
-
-  vocab = list(TRAINING_SPECIALS)
-  vocab += sorted(alphabet) + sorted(CONTINUATION_PREFIX + ch for ch in alphabet)
-  known = set(vocab)
-
-  pair_counts: collections.Counter = collections.Counter()
-  where: dict[tuple[str, str], set[int]] = collections.defaultdict(set)
-  for i, syms in enumerate(symbols):
-    for pair in zip(syms, syms[1:]):
-      pair_counts[pair] += counts[i]
-      where[pair].add(i)
-  # Max-heap by count, then smallest pair: entries go stale and are skipped when popped.
-  heap = [(-c, pair) for pair, c in pair_counts.items()]
-  heapq.heapify(heap)
-
-  while len(vocab) < vocab_size and heap:
-    neg, pair = heapq.heappop(heap)
-    if pair_counts.get(pair, 0) != -neg:
-      continue
-    if -neg < min_frequency:
+def _sample_alphabet(texts: Iterator[str], normalizer, sample_chars: int
+                     ) -> tuple[collections.Counter, list[str]]:
+  """Character counts of normalised text from the start of `texts`, and the texts read."""
+  counts: collections.Counter = collections.Counter()
+  taken: list[str] = []
+  seen = 0
+  for text in texts:
+    taken.append(text)
+    counts.update(normalizer.normalize_str(text))
+    seen += len(text)
+    if seen >= sample_chars:
       break
-    new = _merged(*pair)
-    if new not in known:
-      known.add(new)
-      vocab.append(new)
-    touched: set[tuple[str, str]] = set()
-    for i in sorted(where.pop(pair, ())):
-      syms = symbols[i]
-      for old in zip(syms, syms[1:]):
-        pair_counts[old] -= counts[i]
-        touched.add(old)
-      out, j = [], 0
-      while j < len(syms):
-        if j + 1 < len(syms) and (syms[j], syms[j + 1]) == pair:
-          out.append(new)
-          j += 2
-        else:
-          out.append(syms[j])
-          j += 1
-      symbols[i] = out
-      for p in zip(out, out[1:]):
-        pair_counts[p] += counts[i]
-        where[p].add(i)
-        touched.add(p)
-    pair_counts.pop(pair, None)
-    for p in touched:
-      c = pair_counts.get(p, 0)
-      if c > 0:
-        heapq.heappush(heap, (-c, p))
-      else:
-        pair_counts.pop(p, None)
-  return vocab
+  for ch in [c for c in counts if c.isspace()]:
+    del counts[ch]
+  return counts, taken
 
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-  """Train an uncased WordPiece vocabulary (special tokens first, [PAD] = 0), deterministically."""
+def _batches(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
+  it = iter(texts)
+  while batch := list(itertools.islice(it, size)):
+    yield batch
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, *,
+                    sample_chars: int = ALPHABET_SAMPLE_CHARS) -> Tokenizer:
+  """Train an uncased WordPiece vocabulary (special tokens first, [PAD] = 0), deterministically.
+
+  The tokenizers library's WordPiece trainer (Rust: word counting in parallel, then BPE-style
+  merges) breaks ties between equally frequent pairs by token id, and gives ids to the alphabet
+  and its `##` forms in hash-map order, so two runs could differ. Pinning every id before any
+  merge removes that: the alphabet (the most frequent characters of the first `sample_chars`
+  characters, ties by character) is passed as the initial alphabet with exactly its size as
+  the limit, and the `##` forms are listed, sorted, after the special tokens.
+  """
   counter = _bert_pipeline(Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]")))
-  word_counts = count_words(counter, texts)
-  if not word_counts:
+  it = iter(texts)
+  char_counts, head = _sample_alphabet(it, counter.normalizer, sample_chars)
+  if not char_counts:
     raise ValueError("cannot train a vocabulary: the training documents contain no words")
-  vocab = learn_wordpiece_vocab(word_counts, vocab_size)
+  alphabet = sorted(_alphabet(char_counts, alphabet_limit(vocab_size)))
+  continuations = [CONTINUATION_PREFIX + ch for ch in alphabet]
+  trainer = trainers.WordPieceTrainer(
+      vocab_size=vocab_size, min_frequency=2, show_progress=False,
+      special_tokens=TRAINING_SPECIALS + continuations, initial_alphabet=alphabet,
+      limit_alphabet=len(alphabet), continuing_subword_prefix=CONTINUATION_PREFIX)
+  counter.train_from_iterator(_batches(itertools.chain(head, it)), trainer)
+  learned = counter.get_vocab(with_added_tokens=False)
+  by_id = sorted(learned, key=lambda t: learned[t])
+  # Specials, the alphabet, its `##` forms, then merges in the order they were learned.
+  merged = [t for t in by_id if t not in set(TRAINING_SPECIALS + alphabet + continuations)]
+  vocab = TRAINING_SPECIALS + alphabet + continuations + merged
   return bert_uncased_tokenizer({t: i for i, t in enumerate(vocab)}, "the trained vocabulary")
 
 

@@ -392,64 +392,28 @@ def _is_hf_dataset_dict(obj: Any) -> bool:
 
 def build_wordpiece_tokenizer(vocab: str | os.PathLike | Sequence[str] | Mapping[str, int],
                               lowercase: bool = True):
-  """A BERT WordPiece `tokenizers.Tokenizer` from a `vocab.txt` path, a token list or a dict.
+  """A BERT WordPiece `tokenizers.Tokenizer` from a `vocab.txt` path, a token list or a dict
+  (mbert_jax.data.tokenizer.build_wordpiece with fine-tuning's special tokens: no [MASK]).
 
   Normalisation matches BERT: clean text, split CJK characters, lower case and strip accents
   when `lowercase` (uncased MobileBERT), keep them otherwise.
   """
-  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-  if isinstance(vocab, (str, os.PathLike)):
-    with open(vocab, encoding="utf-8") as f:
-      tokens = [line.rstrip("\n").rstrip("\r") for line in f]
-    while tokens and tokens[-1] == "":
-      tokens.pop()
-    vocab = tokens
-  if isinstance(vocab, Mapping):
-    mapping = {str(k): int(v) for k, v in vocab.items()}
-  else:
-    mapping = {}
-    for i, token in enumerate(vocab):
-      if token in mapping:
-        raise ValueError(f"token {token!r} occurs twice in the vocabulary")
-      mapping[token] = i
-  for required in ("[UNK]", "[CLS]", "[SEP]", "[PAD]"):
-    if required not in mapping:
-      raise ValueError(f"the vocabulary lacks {required}")
-  tokenizer = Tokenizer(models.WordPiece(mapping, unk_token="[UNK]",
-                                         max_input_chars_per_word=100))
-  tokenizer.normalizer = normalizers.BertNormalizer(
-      clean_text=True, handle_chinese_chars=True, strip_accents=lowercase,
-      lowercase=lowercase)
-  tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-  tokenizer.post_processor = processors.TemplateProcessing(
-      single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-      special_tokens=[("[CLS]", mapping["[CLS]"]), ("[SEP]", mapping["[SEP]"])])
-  tokenizer.decoder = decoders.WordPiece(prefix="##")
-  return tokenizer
+  from mbert_jax.data import tokenizer as tokenizer_lib
+  return tokenizer_lib.build_wordpiece(vocab, lower_case=lowercase,
+                                       require=tokenizer_lib.FINETUNE_SPECIAL_TOKENS)
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:
   """`{"cls", "sep", "pad"}` ids looked up in the tokenizer's vocabulary."""
-  ids = {}
-  for key, token in (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]")):
-    token_id = tokenizer.token_to_id(token)
-    if token_id is None:
-      raise ValueError(f"the tokenizer's vocabulary has no {token} token")
-    ids[key] = int(token_id)
-  return ids
+  from mbert_jax.data import tokenizer as tokenizer_lib
+  return tokenizer_lib.token_ids(tokenizer, ("cls", "sep", "pad"))
 
 
 def plain_tokenizer(tokenizer):
   """The tokenizer without its own truncation/padding, which would cut text before the
   pair-aware truncation here (a copy; the caller's tokenizer is left unchanged)."""
-  if tokenizer.truncation is None and tokenizer.padding is None:
-    return tokenizer
-  from tokenizers import Tokenizer
-  copy = Tokenizer.from_str(tokenizer.to_str())
-  copy.no_truncation()
-  copy.no_padding()
-  return copy
+  from mbert_jax.data import tokenizer as tokenizer_lib
+  return tokenizer_lib.plain_tokenizer(tokenizer)
 
 
 def truncated_lengths(len_a: int, len_b: int, max_tokens: int) -> tuple[int, int]:
