@@ -93,3 +93,44 @@ def test_inspect_pipeline_eval_split(tmp_path):
   report = inspect_pipeline(build_pipeline(c, str(tmp_path), split="eval"), batches=3)
   assert report["split"] == "eval" and report["static_masking"] is True
   assert 0 < report["mask_rate"] < 0.3
+
+
+def run_inspect(tmp_path, source: str) -> subprocess.CompletedProcess:
+  cfg = write_config(tmp_path / "cfg.py", source)
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  return subprocess.run(
+      [sys.executable, "-m", "mbert_jax.data.inspect", f"--config={cfg}",
+       f"--workdir={tmp_path / 'w'}", "--batches=2"],
+      capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
+
+
+def test_inspect_reports_where_the_tokens_went(tmp_path):
+  result = run_inspect(tmp_path, write_corpus(tmp_path / "c.txt"))
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout)
+  acc = report["token_accounting"]
+  assert acc["tokens_read"] == report["tokens"] > 0
+  assert acc["tokens_used"] + sum(acc["tokens_dropped"].values()) == acc["tokens_read"]
+  assert acc["examples"] == report["examples"]
+  (choice,) = report["sentence_splitters"]
+  assert choice["setting"] == "auto" and choice["splitter"] == "lines"
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stdout == ""
+  assert "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and expected in last, result.stderr[-2000:]
+
+
+def test_inspect_on_an_empty_corpus_is_one_line_and_exit_2(tmp_path):
+  (tmp_path / "empty.txt").write_text("")
+  assert_one_line_error(run_inspect(tmp_path, str(tmp_path / "empty.txt")), "empty corpus")
+  (tmp_path / "blank.txt").write_text("\n\n   \n")
+  assert_one_line_error(run_inspect(tmp_path, str(tmp_path / "blank.txt")), "empty corpus")
+
+
+def test_inspect_on_a_binary_file_is_one_line_and_exit_2(tmp_path):
+  (tmp_path / "data.bin").write_bytes(np.random.default_rng(0).bytes(100_000))
+  assert_one_line_error(run_inspect(tmp_path, str(tmp_path / "data.bin")), "is not text")

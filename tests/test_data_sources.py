@@ -14,7 +14,7 @@ from mbert_jax.data import build_pipeline, default_data_config
 from mbert_jax.data import sources as S
 from mbert_jax.data.builtin_corpus import (clean_docstring, comment_blocks, iter_builtin_documents,
                                            merge_units, module_documents)
-from mbert_jax.data.text import split_long_line, split_sentences
+from mbert_jax.data.text import split_long_line, split_sentences, splitting_splitter
 
 datasets.disable_progress_bars()
 
@@ -188,14 +188,16 @@ def test_bad_documents_are_counted_not_fatal(tmp_path):
   (tmp_path / "a_good.txt").write_text(good)
   (tmp_path / "b_empty.txt").write_text("")
   (tmp_path / "c_bad.txt").write_bytes(
-      b"only \xff one sentence here\n\n\x00\x01\x02\n\n" + good.encode()[:200] + b"\n")
+      b"only \xff one sentence here\n\n\x00\x01\x02\n\n\xe2\x80\x8b\n\n"
+      + good.encode()[:200] + b"\n")
   (tmp_path / "d_huge.txt").write_text(" ".join(f"word{i}" for i in range(5000)) + "\n")
   records = [{"text": "Another document. It has two sentences."}, {"text": None}, {"x": 1}]
   (tmp_path / "e.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n{broken\n")
   p = build_pipeline(cfg(f"{tmp_path}/*.txt,{tmp_path}/e.jsonl", max_line_chars=2000),
                      str(tmp_path / "w"))
   s = p.stats
-  assert s["skipped_documents"] == {"empty": 1, "empty_file": 1, "invalid_json": 1,
+  # \x00\x01\x02 is binary; a zero-width space alone has no tokens.
+  assert s["skipped_documents"] == {"binary": 1, "empty": 1, "empty_file": 1, "invalid_json": 1,
                                     "missing_text_field": 1, "no_tokens": 1}
   assert s["flagged_documents"]["non_utf8"] == 1
   assert s["flagged_documents"]["long_line_split"] == 1
@@ -279,11 +281,12 @@ def test_hub_path_with_wikitext_grouping(tmp_path):
   assert S.source_fingerprint(source).startswith("hub:")
   settings = dict(text_field="text", sentence_splitter="auto", document_grouping="auto",
                   max_line_chars=1000, max_document_chars=10_000)
-  raw = S.load_raw_documents([source], settings, str(tmp_path / "staging"), num_proc=1)
+  raw = S.load_raw_documents([source], settings, str(tmp_path / "staging"))
   assert [t.split("\n") for t in raw["text"]] == [
       [" Alpha began small . It grew . ", " Later it spread . "],
       [" Beta is another article . It ends . "]]
-  assert set(raw["splitter"]) == {"regex"}
+  # Paragraph lines with several sentences each: `auto` splits them.
+  assert set(raw["splitter"]) == {splitting_splitter()}
 
 
 def test_separate_eval_source(tmp_path):
@@ -296,10 +299,20 @@ def test_separate_eval_source(tmp_path):
   assert ev.vocab_size == train.vocab_size  # the vocabulary always comes from training data
 
 
-def test_multiprocess_tokenization_gives_the_same_corpus(tmp_path):
+def test_multiprocess_tokenization_gives_the_same_corpus(tmp_path, monkeypatch):
+  from mbert_jax.data import corpus as corpus_lib
   (tmp_path / "c.txt").write_text(bert_text([doc(i, 8) for i in range(300)]))
   one = build_pipeline(cfg(str(tmp_path / "c.txt")), str(tmp_path / "a"))
+  # Spawned workers even for this small corpus, over ranges smaller than a batch.
+  monkeypatch.setattr(corpus_lib, "PARALLEL_MIN_DOCUMENTS", 0)
+  monkeypatch.setattr(corpus_lib, "BATCH_DOCUMENTS", 16)
+  spawned = []
+  real_pool = corpus_lib.concurrent.futures.ProcessPoolExecutor
+  monkeypatch.setattr(corpus_lib.concurrent.futures, "ProcessPoolExecutor",
+                      lambda *a, **k: spawned.append(k["mp_context"].get_start_method())
+                      or real_pool(*a, **k))
   two = build_pipeline(cfg(str(tmp_path / "c.txt"), num_proc=2), str(tmp_path / "b"))
+  assert spawned == ["spawn"]
   np.testing.assert_array_equal(one.corpus.tokens, two.corpus.tokens)
   np.testing.assert_array_equal(one.batch_at(3)["input_ids"], two.batch_at(3)["input_ids"])
 

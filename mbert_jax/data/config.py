@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-SENTENCE_SPLITTERS = ("auto", "lines", "regex")
+SENTENCE_SPLITTERS = ("auto", "lines", "regex", "blingfire")
 DOCUMENT_GROUPINGS = ("auto", "row", "blank_row", "wikitext")
 
 
@@ -42,7 +42,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Dynamic masking re-pairs segments each epoch; > 0 cycles through that many pairings instead
   # (bounds the cache at very large scale). Masks stay fresh every epoch either way.
   c.pairing_rounds = 0
-  # "auto": `lines` for .txt files (BERT's one-sentence-per-line format), `regex` elsewhere.
+  # "auto" looks at a sample of each source: BERT's one-sentence-per-line reading (`lines`) when
+  # its lines look like sentences, else lines (paragraphs, whole articles) are split into
+  # sentences with `blingfire` (if installed) or `regex` (no dependency). The choice and its
+  # evidence are logged and kept in the cache's stats.json.
   c.sentence_splitter = "auto"
   # How rows of JSONL/Parquet/hub sources become documents. "auto": `wikitext` for hub names
   # containing "wikitext" (rows are lines, ` = Title = ` starts an article), else `row`.
@@ -50,7 +53,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.min_document_sentences = 1  # BERT keeps one-sentence documents (their B is always random)
   c.max_line_chars = 100_000  # longer lines are split at whitespace (counted)
   c.max_document_chars = 10_000_000  # longer documents are split (counted)
-  c.num_proc = 2  # processes for tokenization (datasets.map) and large-corpus pairing
+  c.num_proc = 2  # spawned processes for tokenization and large-corpus pairing (never forked)
   c.cache_dir = ""  # empty = <workdir>/data_cache
   return c
 

@@ -7,6 +7,9 @@ Rates come from the first `--batches` batches (steps 0..batches-1) as the traine
 mask_rate = predictions / real tokens; the three token rates split the masked positions into
 [MASK] / random replacement / kept (a random draw of the original token counts as kept).
 examples_per_second times batch_at alone, on this one process, after the cache is built.
+`token_accounting` says where the corpus's tokens went (read, used, dropped by cause) and
+`sentence_splitters` how each source was read and why. A known error (missing or empty corpus,
+a binary file, a bad setting) prints one line `error: ...` and exits with status 2.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from mbert_jax.cli import guarded
 from mbert_jax.data.pipeline import Pipeline, build_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a `data` section.")
@@ -94,6 +98,8 @@ def inspect_pipeline(pipe: Pipeline, batches: int = 20, show: int = 0) -> dict[s
       "sentences": stats["sentences"],
       "tokens": stats["tokens"],
       "unk_rate": stats["unk_rate"],
+      "sentence_splitters": stats.get("sentence_splitters", []),
+      "token_accounting": stats["token_accounting"],
       "vocab_size": pipe.vocab_size,
       "examples": pipe.num_examples,
       "batch_size": pipe.batch_size,
@@ -109,6 +115,12 @@ def inspect_pipeline(pipe: Pipeline, batches: int = 20, show: int = 0) -> dict[s
   return report
 
 
+def run(config) -> None:
+  pipe = build_pipeline(config.data, _WORKDIR.value or default_workdir(), split=_SPLIT.value)
+  report = inspect_pipeline(pipe, _BATCHES.value, _SHOW.value)
+  sys.stdout.write(json.dumps(report, indent=2) + "\n")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -117,9 +129,7 @@ def main(argv):
     raise app.UsageError("--config is required (a config file whose get_config() has `data`)")
   if "data" not in config:
     raise app.UsageError("the config has no `data` section")
-  pipe = build_pipeline(config.data, _WORKDIR.value or default_workdir(), split=_SPLIT.value)
-  report = inspect_pipeline(pipe, _BATCHES.value, _SHOW.value)
-  sys.stdout.write(json.dumps(report, indent=2) + "\n")
+  guarded(run, config)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def _shard_from_files(directory: str, doc_lo: int, doc_hi: int, max_seq_length: 
 def build_instances(sentence_offsets: np.ndarray, document_offsets: np.ndarray,
                     max_seq_length: int, short_seq_prob: float, seed: int, pairing_round: int,
                     num_proc: int = 1, directory: str | None = None,
-                    parallel_min_sentences: int = PARALLEL_MIN_SENTENCES) -> np.ndarray:
+                    parallel_min_sentences: int | None = None) -> np.ndarray:
   """The instance table [N, 5] of one pairing round over the whole corpus.
 
   Large corpora (>= parallel_min_sentences sentences, arrays on disk in `directory`) are
@@ -157,6 +157,8 @@ def build_instances(sentence_offsets: np.ndarray, document_offsets: np.ndarray,
   num_docs = len(document_offsets) - 1
   if num_docs < 1:
     raise ValueError("cannot pair segments of an empty corpus")
+  if parallel_min_sentences is None:
+    parallel_min_sentences = PARALLEL_MIN_SENTENCES
   shards = [(lo, min(lo + SHARD_DOCUMENTS, num_docs))
             for lo in range(0, num_docs, SHARD_DOCUMENTS)]
   parallel = (num_proc > 1 and len(shards) > 1 and directory is not None

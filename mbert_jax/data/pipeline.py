@@ -11,6 +11,11 @@ function of (config, s), resuming needs no replay, and every process computes ex
 Rounds: dynamic masking (default) re-pairs every epoch (or cycles `pairing_rounds` pairings)
 and masks afresh every epoch; static masking cycles `dupe_factor` (pairing, masks) copies like
 BERT's pre-generated data; eval is one fixed copy with its own seed.
+
+Building never forks: tokenization and large pairings run in spawned processes, so a trainer
+that has started JAX can build its data without risking a deadlock. What the build used is
+reported (`stats["token_accounting"]`, the log, `inspect`, the cache's JSON files), and more
+than 10% of the tokens reaching no example is warned about before training starts.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ import ml_collections
 import numpy as np
 from tokenizers import Tokenizer
 
+from mbert_jax.data import accounting, pairing, permutation, sources as sources_lib
 from mbert_jax.data import corpus as corpus_lib
-from mbert_jax.data import pairing, permutation, sources as sources_lib
 from mbert_jax.data import tokenizer as tokenizer_lib
 from mbert_jax.data.config import default_data_config, validate_data_config
 from mbert_jax.data.masking import ExampleRandom, MaskingRules, mask_tokens
@@ -38,7 +43,7 @@ from mbert_jax.data.masking import ExampleRandom, MaskingRules, mask_tokens
 log = logging.getLogger(__name__)
 
 # Bump when tokenization, corpus layout or pairing changes meaning: invalidates old caches.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 SPLITS = ("train", "eval")
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions",
               "masked_lm_ids", "masked_lm_weights", "next_sentence_labels")
@@ -64,39 +69,43 @@ def reading_settings(cfg) -> dict[str, Any]:
                               "max_line_chars", "max_document_chars")}
 
 
-def _usable_texts(raw: datasets.Dataset) -> Iterator[str]:
-  for batch in raw.select_columns(["text", "skip"]).iter(batch_size=1000):
+def _usable_texts(raw: datasets.Dataset, rows: np.ndarray) -> Iterator[str]:
+  part = raw.select(rows) if len(rows) != len(raw) else raw
+  for batch in part.select_columns(["text", "skip"]).iter(batch_size=1000):
     yield from (t for t, s in zip(batch["text"], batch["skip"]) if not s)
 
 
-def _require_usable(raw: datasets.Dataset, what: str) -> None:
-  skips = raw.with_format("arrow")["skip"].to_pylist()
-  if not any(s == "" for s in skips):
-    reasons = dict(collections.Counter(skips))
+def _require_usable(raw: datasets.Dataset, rows: np.ndarray, what: str) -> None:
+  skips = raw.with_format("arrow")["skip"].to_numpy(zero_copy_only=False)[rows]
+  if not (skips == "").any():
+    reasons = dict(collections.Counter(skips.tolist()))
     raise ValueError(f"empty corpus: {what} has no usable document (skipped by reason: {reasons})")
 
 
 class _RawCorpus:
   """Raw documents of one source list, read once on first use, in a staging directory."""
 
-  def __init__(self, srcs: list[sources_lib.Source], cfg, staging: str, what: str):
+  def __init__(self, srcs: list[sources_lib.Source], cfg, staging: str, what: str,
+               splitters: list[str]):
     self._sources, self._cfg, self._staging, self._what = srcs, cfg, staging, what
+    self._splitters = splitters
     self._ds: datasets.Dataset | None = None
 
   def dataset(self) -> datasets.Dataset:
     if self._ds is None:
       self._ds = sources_lib.load_raw_documents(self._sources, reading_settings(self._cfg),
-                                                self._staging, int(self._cfg.num_proc))
-      _require_usable(self._ds, self._what)
+                                                self._staging, self._splitters)
+      _require_usable(self._ds, np.arange(len(self._ds)), self._what)
     return self._ds
 
-  def split(self, split: str, eval_fraction: float | None) -> datasets.Dataset:
+  def split(self, split: str, eval_fraction: float | None) -> tuple[datasets.Dataset, np.ndarray]:
+    """(all raw documents, rows of `split`)."""
     ds = self.dataset()
     if eval_fraction is None:
-      return ds
-    part = sources_lib.select_split(ds, split, eval_fraction)
-    _require_usable(part, f"the {split} part of {self._what}")
-    return part
+      return ds, np.arange(len(ds))
+    rows = sources_lib.split_rows(ds, split, eval_fraction)
+    _require_usable(ds, rows, f"the {split} part of {self._what}")
+    return ds, rows
 
 
 def _trained_tokenizer(cache_dir: str, size: int, key_material: dict[str, Any],
@@ -139,6 +148,7 @@ def build_pipeline(data_cfg, workdir: str | None, split: str = "train") -> "Pipe
     raise ValueError("no eval data: set data.eval_source or a positive data.eval_fraction")
   for srcs in (train_sources, eval_sources or []):
     sources_lib.check_local_sources_not_empty(srcs)
+    sources_lib.check_sources_are_text(srcs)
   vocab_size_to_train = tokenizer_lib.parse_trained_vocab_size(str(cfg.vocab))
   tokenizer = None
   if vocab_size_to_train is None:
@@ -153,22 +163,28 @@ def build_pipeline(data_cfg, workdir: str | None, split: str = "train") -> "Pipe
 
   staging = tempfile.mkdtemp(prefix=".staging-", dir=cache_dir)
   try:
+    sampling = {**reading, "arrow_cache_dir": os.path.join(staging, "sample")}
+    train_choices = sources_lib.resolve_splitters(train_sources, sampling)
     train_raw = _RawCorpus(train_sources, cfg, os.path.join(staging, "train"),
-                           f"data.source={cfg.source!r}")
+                           f"data.source={cfg.source!r}", [c["splitter"] for c in train_choices])
     if tokenizer is None:
+      # The splitter does not change which words the vocabulary sees: not part of its key.
       tokenizer = _trained_tokenizer(
           cache_dir, vocab_size_to_train,
-          {"version": CACHE_VERSION, "trainer": "wordpiece-v1", **train_identity},
-          lambda: _usable_texts(train_raw.split("train", holdout)))
+          {"version": CACHE_VERSION, "trainer": tokenizer_lib.TRAINER_VERSION, **train_identity},
+          lambda: _usable_texts(*train_raw.split("train", holdout)))
     if split == "train" or eval_sources is None:
-      identity, raw, raw_holdout = train_identity, train_raw, holdout
+      identity, raw, raw_holdout, choices = train_identity, train_raw, holdout, train_choices
     else:
       identity = {"sources": [sources_lib.source_fingerprint(s) for s in eval_sources],
                   "holdout": None, "reading": reading}
+      choices = sources_lib.resolve_splitters(eval_sources, sampling)
       raw = _RawCorpus(eval_sources, cfg, os.path.join(staging, "eval"),
-                       f"data.eval_source={cfg.eval_source!r}")
+                       f"data.eval_source={cfg.eval_source!r}", [c["splitter"] for c in choices])
       raw_holdout = None
+    # The resolved splitters are part of the key: installing blingfire changes what `auto` reads.
     key_material = {"version": CACHE_VERSION, "split": split, **identity,
+                    "splitters": [c["splitter"] for c in choices],
                     "min_document_sentences": int(cfg.min_document_sentences),
                     "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest()}
     directory = os.path.join(cache_dir, f"corpus-{split}-{_digest(key_material)}")
@@ -177,9 +193,10 @@ def build_pipeline(data_cfg, workdir: str | None, split: str = "train") -> "Pipe
       log.info("reusing tokenized %s corpus %s", split, directory)
     else:
       specials = tokenizer_lib.special_ids(tokenizer)
+      raw_ds, rows = raw.split(split, raw_holdout)
       corpus = corpus_lib.build_corpus(
-          directory, raw.split(split, raw_holdout), tokenizer, specials["unk"],
-          int(cfg.min_document_sentences), int(cfg.num_proc), key_material)
+          directory, raw_ds, rows, tokenizer, specials["unk"], int(cfg.min_document_sentences),
+          int(cfg.num_proc), key_material, {"sentence_splitters": choices})
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return Pipeline(cfg, split, tokenizer, corpus)
@@ -223,6 +240,7 @@ class Pipeline:
     self.num_examples = len(first)
     self.stats = self._summary(first)
     log.info("%s pipeline: %s", split, json.dumps(self.stats))
+    self._warn_about_drops()
 
   @property
   def corpus(self) -> corpus_lib.CorpusArrays:
@@ -348,6 +366,28 @@ class Pipeline:
       return -(-self.num_examples // self.batch_size)
     return max(1, self.num_examples // self.batch_size)
 
+  def _token_accounting(self, table: np.ndarray) -> dict[str, Any]:
+    """Round 0's accounting, cached beside its instance table (the argsort is not free)."""
+    path = self._pairing_file(0)[:-len(".npy")] + ".accounting.json"
+    if os.path.isfile(path):
+      with open(path) as f:
+        return json.load(f)
+    result = accounting.token_accounting(table, self._corpus.sentence_offsets,
+                                         self._corpus.document_offsets, self._corpus.stats)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump(result, f, indent=2)
+    os.replace(tmp, path)
+    return result
+
+  def _warn_about_drops(self) -> None:
+    splitters = [c["splitter"] for c in self._corpus.stats.get("sentence_splitters", [])]
+    message = accounting.drop_warning(
+        self.stats["token_accounting"], splitters, self.max_seq_length,
+        int(self.config.min_document_sentences), what=f"the {self.split} corpus")
+    if message:
+      log.warning("%s", message)
+
   def _summary(self, table: np.ndarray) -> dict[str, Any]:
     stats = json.loads(json.dumps(self._corpus.stats))
     short = int((self._corpus.document_token_counts() < self.max_seq_length - 3).sum())
@@ -361,6 +401,7 @@ class Pipeline:
         "nsp_random_rate": float(np.mean(table[:, 4])),
         "mean_real_tokens": float(np.mean(lengths)),
         "static_masking": self.static_masking,
+        "token_accounting": self._token_accounting(table),
     })
     return stats
 

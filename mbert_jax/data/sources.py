@@ -11,8 +11,14 @@ A source list is comma-separated. Each item is one of
   populated HF cache), e.g. `wikitext:wikitext-103-raw-v1@train` or `wikimedia/wikipedia:20231101.en`.
 
 Every reader yields rows (text, splitter, flags, skip, hash). A bad document never stops the
-build: it becomes a row with `skip` set to the reason, or is repaired and gets a flag. Missing
-files and sources without a usable document are errors raised before anything is cached.
+build: it becomes a row with `skip` set to the reason (a binary document or file: `binary`,
+`binary_file`), or is repaired and gets a flag. Missing files, sources whose content is not
+text (a compressed or binary file named by mistake) and sources without a usable document are
+errors raised before anything is cached.
+
+`data.sentence_splitter=auto` is resolved per source from a sample of its documents
+(`resolve_splitter`): BERT's one-sentence-per-line reading where the lines look like sentences,
+a sentence splitter otherwise; the choice and its evidence go to the log and the cache.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import glob as globlib
 import gzip
 import hashlib
 import json
+import logging
 import os
 import re
 from typing import Any, Iterator
@@ -30,7 +37,10 @@ import datasets
 import numpy as np
 
 from mbert_jax.data.builtin_corpus import iter_builtin_documents, stdlib_fingerprint
+from mbert_jax.data import text as text_lib
 from mbert_jax.data.text import split_long_line
+
+log = logging.getLogger(__name__)
 
 KIND_BY_EXTENSION = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl",
                      ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -159,10 +169,66 @@ def source_fingerprint(source: Source) -> str:
   return f"hub:{source.hub_path}:{source.hub_config}:{source.hub_split}:{ds._fingerprint}"
 
 
-def splitter_for(source: Source, sentence_splitter: str) -> str:
-  if sentence_splitter != "auto":
-    return sentence_splitter
-  return "lines" if source.kind == "text" else "regex"
+# Enough lines to judge a source's shape, few enough to read in well under a second.
+SAMPLE_LINES = 2000
+SAMPLE_CHARS = 2_000_000
+SAMPLE_DOCUMENTS = 500
+
+
+def sample_lines(source: Source, settings: dict[str, Any]) -> list[str]:
+  """Non-blank lines of the first documents of a source (deterministic: always the start)."""
+  lines: list[str] = []
+  chars = 0
+  for k, doc in enumerate(iter_source_documents(source, settings)):
+    if k >= SAMPLE_DOCUMENTS or len(lines) >= SAMPLE_LINES or chars >= SAMPLE_CHARS:
+      break
+    if doc.skip or text_lib.looks_binary(doc.text):
+      continue
+    for line in doc.text.split("\n"):
+      if line.strip():
+        lines.append(line)
+        chars += len(line)
+  return lines[:SAMPLE_LINES]
+
+
+def resolve_splitter(source: Source, settings: dict[str, Any]) -> dict[str, Any]:
+  """{"splitter", "setting", "evidence"}: the splitter a source is read with. An explicit
+  setting is used as given; `auto` samples the source's lines (see text.choose_reading)."""
+  setting = str(settings["sentence_splitter"])
+  if setting != "auto":
+    text_lib.splitter_function(setting)  # a library splitter that is missing fails here
+    return {"source": source.spec, "setting": setting, "splitter": setting, "evidence": {}}
+  evidence = text_lib.line_evidence(sample_lines(source, settings))
+  chosen = text_lib.choose_reading(evidence)
+  return {"source": source.spec, "setting": setting, "splitter": chosen, "evidence": evidence}
+
+
+def describe_splitter_choice(choice: dict[str, Any]) -> str:
+  ev = choice["evidence"]
+  if choice["setting"] != "auto":
+    return f"data source {choice['source']!r}: sentence splitter {choice['splitter']!r} (as set)"
+  if not ev.get("lines"):
+    return (f"data source {choice['source']!r}: no lines to sample; reading "
+            f"{choice['splitter']!r}")
+  shape = (f"{ev['lines']} sampled lines: median {ev['median_chars']:.0f} chars, "
+           f"{ev['mean_sentences_per_line']:.2f} sentence ends per line, "
+           f"{ev['multi_sentence_line_fraction']:.0%} with several, "
+           f"{ev['long_line_fraction']:.0%} over {text_lib.LONG_LINE_CHARS} chars")
+  if choice["splitter"] == "lines":
+    return (f"data source {choice['source']!r}: lines look like sentences ({shape}); "
+            f"one sentence per line (BERT's format)")
+  fallback = ("" if choice["splitter"] == text_lib.LIBRARY_SPLITTER else
+              f" ({text_lib.LIBRARY_SPLITTER} is not installed: the regex splitter is the "
+              f"fallback; pip install {text_lib.LIBRARY_SPLITTER} for better boundaries)")
+  return (f"data source {choice['source']!r}: lines are not sentences ({shape}); splitting "
+          f"them with {choice['splitter']!r}{fallback}")
+
+
+def resolve_splitters(sources: list[Source], settings: dict[str, Any]) -> list[dict[str, Any]]:
+  choices = [resolve_splitter(s, settings) for s in sources]
+  for choice in choices:
+    log.info("%s", describe_splitter_choice(choice))
+  return choices
 
 
 def grouping_for(source: Source, document_grouping: str) -> str:
@@ -174,6 +240,62 @@ def grouping_for(source: Source, document_grouping: str) -> str:
 # --------------------------------------------------------------------------- byte-level reading
 def _open_binary(path: str):
   return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+SNIFF_BYTES = 65536
+# Leading bytes of formats that are never text: what a mistaken `data.source` usually names.
+_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed (only names ending in .gz are decompressed)"),
+    (b"BZh", "bzip2-compressed"), (b"\xfd7zXZ\x00", "xz-compressed"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed"), (b"PK\x03\x04", "a zip archive"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7z archive"), (b"PAR1", "a Parquet file (name it .parquet)"),
+    (b"%PDF-", "a PDF file"), (b"\x7fELF", "an executable"),
+    (b"\xff\xfe", "UTF-16 text (convert it to UTF-8)"),
+    (b"\xfe\xff", "UTF-16 text (convert it to UTF-8)"),
+)
+
+
+def sniff_file(path: str) -> str:
+  """Why a file's content is not text ("" when it is): known binary formats by their leading
+  bytes, then the share of undecodable bytes and control characters in the first 64 KiB."""
+  with open(path, "rb") as f:
+    head = f.read(SNIFF_BYTES)
+  if path.endswith(".gz"):
+    if not head.startswith(b"\x1f\x8b"):
+      return "named .gz but not gzip-compressed"
+    try:
+      with gzip.open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    except (OSError, EOFError) as e:
+      return f"not a readable gzip file ({e})"
+  for magic, what in _MAGIC:
+    if head.startswith(magic):
+      return what
+  data, _ = split_utf8_tail(head) if len(head) == SNIFF_BYTES else (head, b"")
+  text, _ = _decode(data)
+  fraction = text_lib.bad_char_fraction(text)
+  if fraction > text_lib.FILE_BINARY_CHAR_FRACTION:
+    return (f"{fraction:.0%} of its first {len(text):,} characters are undecodable bytes or "
+            f"control characters")
+  return ""
+
+
+def check_sources_are_text(sources: list[Source]) -> None:
+  """Refuse a `data.source` item none of whose files is text; warn about (and later skip and
+  count) binary files inside an item that also has text files."""
+  by_item: dict[str, list[tuple[str, str]]] = {}
+  for source in sources:
+    if source.kind in ("text", "jsonl"):
+      by_item.setdefault(source.spec, []).extend((p, sniff_file(p)) for p in source.paths)
+  for item, files in by_item.items():
+    bad = [(p, why) for p, why in files if why]
+    if bad and len(bad) == len(files):
+      path, why = bad[0]
+      more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
+      raise ValueError(f"data source {item!r} is not text: {path} is {why}{more}; give "
+                       f"UTF-8 text, JSON lines or Parquet")
+    for path, why in bad:
+      log.warning("data source %r: skipping %s, which is not text (%s)", item, path, why)
 
 
 def _decode(data: bytes) -> tuple[str, bool]:
@@ -234,6 +356,9 @@ def iter_bounded_lines(f, max_chars: int) -> Iterator[tuple[str, bool, bool]]:
 
 def iter_text_file(path: str, max_line_chars: int, max_document_chars: int) -> Iterator[RawDoc]:
   """BERT's format: one sentence per line, documents separated by blank lines."""
+  if sniff_file(path):
+    yield RawDoc("", skip="binary_file")
+    return
   lines: list[str] = []
   size, flags, produced = 0, set(), False
 
@@ -283,6 +408,9 @@ def _read_record_line(f, limit: int) -> tuple[bytes | None, bool]:
 
 def iter_jsonl_records(path: str, text_field: str, max_record_chars: int) -> Iterator[RawDoc]:
   """One RawDoc per JSON line; malformed records become skips with their reason."""
+  if sniff_file(path):
+    yield RawDoc("", skip="binary_file")
+    return
   produced = False
   with _open_binary(path) as f:
     while True:
@@ -385,6 +513,8 @@ def document_hash(text: str) -> int:
 
 
 def _row(doc: RawDoc, splitter: str) -> dict[str, Any]:
+  if not doc.skip and text_lib.looks_binary(doc.text):
+    doc = RawDoc("", doc.flags, skip="binary")  # undecodable bytes or control characters
   return {"text": doc.text, "splitter": splitter, "flags": list(doc.flags), "skip": doc.skip,
           "hash": document_hash(doc.text) if not doc.skip else 0}
 
@@ -414,11 +544,11 @@ def iter_source_documents(source: Source, settings: dict[str, Any]) -> Iterator[
     raise ValueError(f"unknown source kind {source.kind!r}")
 
 
-def generate_rows(sources: list[dict[str, Any]], settings: dict[str, Any]) -> Iterator[dict]:
+def generate_rows(sources: list[dict[str, Any]], splitters: list[str], settings: dict[str, Any]
+                  ) -> Iterator[dict]:
   """datasets.Dataset.from_generator entry point (plain arguments, so it pickles and hashes)."""
-  for spec in sources:
+  for spec, splitter in zip(sources, splitters):
     source = Source(**{**spec, "paths": tuple(spec["paths"])})
-    splitter = splitter_for(source, settings["sentence_splitter"])
     for doc in iter_source_documents(source, settings):
       yield _row(doc, splitter)
 
@@ -449,20 +579,27 @@ def _rows_from_arrow_batch(batch: dict[str, list], text_field: str, splitter: st
 
 
 def load_raw_documents(sources: list[Source], settings: dict[str, Any], staging_dir: str,
-                       num_proc: int) -> datasets.Dataset:
-  """All sources' documents as one Arrow dataset (columns of RAW_FEATURES), in source order."""
+                       splitters: list[str] | None = None) -> datasets.Dataset:
+  """All sources' documents as one Arrow dataset (columns of RAW_FEATURES), in source order.
+
+  `splitters`: the resolved splitter of each source (resolve_splitters); None resolves here.
+  One process: reading is a small share of the build next to tokenization (corpus.py), and a
+  forked reader could deadlock a process that has started JAX.
+  """
   os.makedirs(staging_dir, exist_ok=True)
   arrow_cache = os.path.join(staging_dir, "arrow")
+  settings = {**settings, "arrow_cache_dir": arrow_cache}
+  if splitters is None:
+    splitters = [c["splitter"] for c in resolve_splitters(sources, settings)]
   parts = []
-  for source in sources:
-    splitter = splitter_for(source, settings["sentence_splitter"])
+  for source, splitter in zip(sources, splitters):
     if source.kind in ("parquet", "hub") and grouping_for(
         source, settings["document_grouping"]) == "row":
-      # Row-per-document Arrow data stays in Arrow: a parallel map, no Python generator.
+      # Row-per-document Arrow data stays in Arrow: a batched map, no Python generator.
       ds = arrow_dataset(source, settings["text_field"], arrow_cache)
       parts.append(ds.map(
           _rows_from_arrow_batch, batched=True, remove_columns=ds.column_names,
-          features=RAW_FEATURES, num_proc=num_proc if len(ds) >= 10_000 else None,
+          features=RAW_FEATURES,
           fn_kwargs=dict(text_field=settings["text_field"], splitter=splitter,
                          max_line_chars=settings["max_line_chars"],
                          max_document_chars=settings["max_document_chars"]),
@@ -473,7 +610,7 @@ def load_raw_documents(sources: list[Source], settings: dict[str, Any], staging_
       spec["paths"] = list(source.paths)
       parts.append(datasets.Dataset.from_generator(
           generate_rows, features=RAW_FEATURES, cache_dir=os.path.join(staging_dir, "gen"),
-          gen_kwargs={"sources": [spec], "settings": {**settings, "arrow_cache_dir": arrow_cache}}))
+          gen_kwargs={"sources": [spec], "splitters": [splitter], "settings": settings}))
   return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
@@ -493,11 +630,11 @@ def eval_mask(hashes: np.ndarray, usable: np.ndarray, eval_fraction: float) -> n
   return held
 
 
-def select_split(ds: datasets.Dataset, split: str, eval_fraction: float) -> datasets.Dataset:
-  """The train or eval part of a source's documents. Skipped rows stay in train (counted once)."""
+def split_rows(ds: datasets.Dataset, split: str, eval_fraction: float) -> np.ndarray:
+  """Row indices of the train or eval part of a source's documents. Skipped rows stay in train
+  (counted once)."""
   table = ds.with_format("arrow")
   hashes = table["hash"].to_numpy()
   usable = (table["skip"].to_numpy(zero_copy_only=False) == "")
   held = eval_mask(hashes, usable, eval_fraction)
-  keep = held if split == "eval" else ~held
-  return ds.select(np.flatnonzero(keep), keep_in_memory=True)
+  return np.flatnonzero(held if split == "eval" else ~held)
