@@ -28,12 +28,15 @@ class ModelOutput:
   `hidden_states`: embedding output, then one feature map per layer that ran ([B, T, H]).
   `attention_scores`: masked pre-softmax scores per layer ([B, heads, T, T], float32).
   `mlm_logits`: [B, P, V] at `masked_positions`, else [B, T, V] (float32).
+  `qkv`: per layer that ran, (queries, keys, values) each [B, T, heads * head_dim] before the
+    head split (compute dtype); only with `return_qkv=True` (relation transfer), else ().
   """
   mlm_logits: Array | None
   nsp_logits: Array
   pooled: Array
   hidden_states: tuple[Array, ...]
   attention_scores: tuple[Array, ...]
+  qkv: tuple[tuple[Array, Array, Array], ...] = ()
 
   @property
   def last_hidden_state(self) -> Array:
@@ -231,7 +234,8 @@ class FinalOutput(nn.Module):
 
 
 class SelfAttention(nn.Module):
-  """Multi-head attention; returns the AddNorm'd output and the masked pre-softmax scores."""
+  """Multi-head attention; returns the AddNorm'd output, the masked pre-softmax scores and the
+  (query, key, value) projections before the head split."""
   cfg: ModelConfig
   deterministic: bool
 
@@ -243,9 +247,10 @@ class SelfAttention(nn.Module):
     qk_axis = "intra" if cfg.attention_input_size == cfg.intra_bottleneck_size and cfg.use_bottleneck else "embed"
     v_axis = "intra" if cfg.value_input_size == cfg.intra_bottleneck_size and cfg.use_bottleneck else "embed"
     split = lambda t: t.reshape(t.shape[:-1] + (n, hd))
-    q = split(Dense(cfg.true_hidden_size, (qk_axis, "qkv"), cfg, name="query")(q_in))
-    k = split(Dense(cfg.true_hidden_size, (qk_axis, "qkv"), cfg, name="key")(k_in))
-    v = split(Dense(cfg.true_hidden_size, (v_axis, "qkv"), cfg, name="value")(v_in))
+    flat_q = Dense(cfg.true_hidden_size, (qk_axis, "qkv"), cfg, name="query")(q_in)
+    flat_k = Dense(cfg.true_hidden_size, (qk_axis, "qkv"), cfg, name="key")(k_in)
+    flat_v = Dense(cfg.true_hidden_size, (v_axis, "qkv"), cfg, name="value")(v_in)
+    q, k, v = split(flat_q), split(flat_k), split(flat_v)
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k,
                         preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
     scores = scores + mask_bias
@@ -255,16 +260,21 @@ class SelfAttention(nn.Module):
     context = context.reshape(context.shape[:2] + (n * hd,))
     out = AddNorm(cfg, cfg.true_hidden_size, ("qkv", "intra"), self.deterministic,
                   dropout=not cfg.use_bottleneck, name="output")(context, layer_input)
-    return out, scores
+    return out, scores, (flat_q, flat_k, flat_v)
 
 
 class Block(nn.Module):
-  """One transformer block (spec §4.2); scanned, so it returns (carry, per-layer outputs)."""
+  """One transformer block (spec §4.2); scanned, so it returns (carry, per-layer outputs).
+
+  The per-layer outputs carry Q/K/V only with `return_qkv`: as scan outputs they would be
+  stacked over layers, i.e. materialised, even when nothing reads them.
+  """
   cfg: ModelConfig
   deterministic: bool = True
+  return_qkv: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, mask_bias: Array) -> tuple[Array, tuple[Array, Array]]:
+  def __call__(self, x: Array, mask_bias: Array) -> tuple[Array, tuple[Any, ...]]:
     cfg = self.cfg
     if cfg.use_bottleneck:
       layer_input = BottleneckLayer(cfg, name="bottleneck_input")(x)
@@ -277,23 +287,27 @@ class Block(nn.Module):
         q_in = k_in = v_in = x
     else:
       layer_input = q_in = k_in = v_in = x
-    h, scores = SelfAttention(cfg, self.deterministic, name="attention")(
+    h, scores, qkv = SelfAttention(cfg, self.deterministic, name="attention")(
         q_in, k_in, v_in, layer_input, mask_bias)
     for j in range(cfg.num_feedforward_networks - 1):
       h = FeedForward(cfg, self.deterministic, name=f"ffn_{j}")(h)
     inner = activation(cfg.hidden_act)(
         Dense(cfg.intermediate_size, ("intra", "mlp"), cfg, name="intermediate")(h))
     y = FinalOutput(cfg, self.deterministic, name="output")(inner, h, x)
-    return y, (y, scores)
+    return y, (y, scores, qkv) if self.return_qkv else (y, scores)
 
 
 class Encoder(nn.Module):
-  """Scans `Block` over a stacked layer axis; `num_layers` runs only the first layers."""
+  """Scans `Block` over a stacked layer axis; `num_layers` runs only the first layers.
+
+  Returns per-layer (hidden states, attention scores, (q, k, v) or () without `return_qkv`).
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask_bias: Array, deterministic: bool,
-               num_layers: int | None) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+  def __call__(self, x: Array, mask_bias: Array, deterministic: bool, num_layers: int | None,
+               return_qkv: bool = False) -> tuple[tuple[Array, ...], tuple[Array, ...],
+                                                  tuple[tuple[Array, Array, Array], ...]]:
     cfg = self.cfg
     total = cfg.num_hidden_layers
     k = total if num_layers is None else num_layers
@@ -310,9 +324,13 @@ class Encoder(nn.Module):
     if k != total and not self.is_initializing():
       scanned = nn.map_variables(
           scanned, "params", trans_in_fn=lambda vs: jax.tree.map(lambda a: a[:k], vs))
-    _, (states, scores) = scanned(cfg, deterministic, name="layers")(x, mask_bias)
+    _, per_layer = scanned(cfg, deterministic, return_qkv, name="layers")(x, mask_bias)
+    states, scores = per_layer[0], per_layer[1]
     hidden = tuple(states[i] for i in range(k))
-    return hidden, tuple(scores[i] for i in range(k))
+    qkv = ()
+    if return_qkv:
+      qkv = tuple(tuple(t[i] for t in per_layer[2]) for i in range(k))
+    return hidden, tuple(scores[i] for i in range(k)), qkv
 
 
 class HeadTransform(nn.Module):
@@ -390,7 +408,7 @@ class MobileBert(nn.Module):
   def __call__(self, input_ids: Array, token_type_ids: Array | None = None,
                attention_mask: Array | None = None, masked_positions: Array | None = None,
                deterministic: bool = True, num_layers: int | None = None,
-               heads: bool = True) -> ModelOutput:
+               heads: bool = True, return_qkv: bool = False) -> ModelOutput:
     cfg = self.cfg
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
@@ -408,9 +426,10 @@ class MobileBert(nn.Module):
     x = self.embeddings(input_ids, token_type_ids, deterministic)
     mask_bias = self.mask_bias(attention_mask)
     if num_layers == 0:
-      layer_states, scores = (), ()
+      layer_states, scores, qkv = (), (), ()
     else:
-      layer_states, scores = self.encoder(x, mask_bias, deterministic, num_layers)
+      layer_states, scores, qkv = self.encoder(x, mask_bias, deterministic, num_layers,
+                                               return_qkv)
     hidden = (x,) + layer_states
     seq = hidden[-1]
 
@@ -424,7 +443,7 @@ class MobileBert(nn.Module):
         seq = jnp.take_along_axis(seq, masked_positions[..., None].astype(jnp.int32), axis=1)
       mlm_logits = self.cls.mlm(seq, self.word_table())
     return ModelOutput(mlm_logits=mlm_logits, nsp_logits=nsp_logits, pooled=pooled,
-                       hidden_states=hidden, attention_scores=scores)
+                       hidden_states=hidden, attention_scores=scores, qkv=qkv)
 
   def word_table(self) -> Array:
     return nn.unbox(self.embeddings.variables["params"]["word_embeddings"]["embedding"])
@@ -460,7 +479,7 @@ class _Backbone(nn.Module):
     value = cfg.attention_mask_value
     value = float(jnp.finfo(jnp.float32).min) if value is None else value
     bias = (1.0 - attention_mask.astype(jnp.float32)[:, None, None, :]) * value
-    states, _ = self.encoder(x, bias, deterministic, None)
+    states, _, _ = self.encoder(x, bias, deterministic, None)
     seq = states[-1] if states else x
     pooled = self.pooler(seq[:, 0]) if cfg.classifier_activation else seq[:, 0]
     return seq, pooled
