@@ -14,6 +14,7 @@ averaging over real tokens only is an option.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -30,6 +31,13 @@ MLM_WEIGHT_EPS = 1e-5
 TRANSFER_TERMS = ("fmt", "at", "mean", "var")
 ATTENTION_KINDS = ("ce", "kl")
 AVERAGE_OVER = ("all", "real")
+# How feature maps are compared: the (possibly projected) features themselves, or the
+# parameter-free token-by-token similarity matrices (any two widths).
+FEATURE_TRANSFERS = ("features", "similarity")
+# Student -> teacher width projection for 'features': auto = `shared` exactly when widths differ.
+FEATURE_PROJECTIONS = ("auto", "shared", "per_layer", "none")
+# auto = per_head when the head counts match, else MiniLMv2 Q-Q/K-K/V-V relations.
+ATTENTION_TRANSFERS = ("auto", "per_head", "relation")
 
 # Keys `transfer_losses` reads from its config, with the official TF1 behaviour as default.
 TRANSFER_DEFAULTS: dict[str, Any] = {
@@ -40,6 +48,11 @@ TRANSFER_DEFAULTS: dict[str, Any] = {
     "tf1_all_layer_stats": False,  # teacher mean/var from all teacher outputs (TF1 quirk, §8.2)
     "num_student_layers": None,    # full model depths for `layer_map`; None = infer from outputs
     "num_teacher_layers": None,
+    "feature_transfer": "features",  # 'features' (FMT, projected if widths differ) | 'similarity'
+    "feature_projection": "auto",    # auto | shared | per_layer | none (see FEATURE_PROJECTIONS)
+    "attention_transfer": "auto",    # auto | per_head | relation (see ATTENTION_TRANSFERS)
+    "relation_heads": 0,             # relation heads; 0 = auto (`auto_relation_heads`)
+    "layer_map": (),                 # 1-based teacher layer per student layer; () = uniform
 }
 
 
@@ -343,6 +356,181 @@ def attention_loss(student_scores: Array, teacher_scores: Array, *,
 
 
 # ----------------------------------------------------------------------------------------------
+# Transfer across widths and head counts (teachers of any shape)
+# ----------------------------------------------------------------------------------------------
+
+def project_features(hidden: Array, projection: Mapping[str, Array], layer: int) -> Array:
+  """Student features [B, T, Hs] mapped to the teacher width by a learned linear map (float32).
+
+  `projection` is {'kernel': [Hs, Ht], 'bias': [Ht]} (one map shared by every layer) or
+  {'kernel': [Ls, Hs, Ht], 'bias': [Ls, Ht]} (one per student layer, indexed by the 1-based
+  `layer`). Float32 because MobileBERT features reach 1e7.
+  """
+  kernel, bias = projection["kernel"], projection["bias"]
+  if jnp.ndim(kernel) == 3:
+    if not 1 <= layer <= kernel.shape[0]:
+      raise ValueError(f"per-layer projection has {kernel.shape[0]} layers, asked for layer "
+                       f"{layer}")
+    kernel, bias = kernel[layer - 1], bias[layer - 1]
+  elif jnp.ndim(kernel) != 2:
+    raise ValueError(f"projection kernel must be [Hs, Ht] or [Ls, Hs, Ht], got shape "
+                     f"{jnp.shape(kernel)}")
+  if jnp.shape(hidden)[-1] != kernel.shape[0]:
+    raise ValueError(f"projection expects student width {kernel.shape[0]}, features have "
+                     f"{jnp.shape(hidden)[-1]}")
+  return jnp.dot(_f32(hidden), _f32(kernel)) + _f32(bias)
+
+
+def token_similarity(hidden: Array, *, normalize: bool = True) -> Array:
+  """[B, T, T] cosine similarities between the tokens of one feature map (float32).
+
+  With `normalize`, each token is first LN0-standardised (centred), so a large offset shared by
+  every feature (common in NoNorm MobileBERT) does not make all tokens look alike.
+  """
+  x = parameter_free_layer_norm(hidden) if normalize else _f32(hidden)
+  x = x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + LAYER_NORM_EPS)
+  return jnp.einsum("btd,bsd->bts", x, x)
+
+
+def similarity_loss(student_h: Array, teacher_h: Array, *, normalize: bool = True,
+                    mask: Array | None = None) -> Array:
+  """Parameter-free feature transfer between any two widths: mean squared difference of the
+  token-similarity matrices. `mask` [B, T] restricts the average to pairs of real tokens.
+  """
+  _require_rank(student_h, 3, "student hidden states [batch, seq, hidden]")
+  _require_rank(teacher_h, 3, "teacher hidden states [batch, seq, hidden]")
+  if jnp.shape(student_h)[:2] != jnp.shape(teacher_h)[:2]:
+    raise ValueError(f"similarity transfer: student [batch, seq] {jnp.shape(student_h)[:2]} != "
+                     f"teacher {jnp.shape(teacher_h)[:2]}")
+  token_weights = _token_mask(mask, student_h, "similarity transfer")
+  pair_weights = None
+  if token_weights is not None:
+    pair_weights = token_weights[:, :, None] * token_weights[:, None, :]
+  student = token_similarity(student_h, normalize=normalize)
+  teacher = token_similarity(jax.lax.stop_gradient(teacher_h), normalize=normalize)
+  return _weighted_mean(jnp.square(teacher - student), pair_weights)
+
+
+def auto_relation_heads(student_width: int, teacher_width: int, student_heads: int,
+                        teacher_heads: int) -> int:
+  """Relation heads when `relation_heads` = 0: the most, up to the larger attention head count,
+  that split both Q/K/V widths evenly (BERT-large 1024/16 -> MobileBERT 128: 16; BERT-base
+  768/12 -> 128: 8), so each relation head is about as wide as the models' own heads.
+  """
+  common = math.gcd(int(student_width), int(teacher_width))
+  cap = max(int(student_heads), int(teacher_heads), 1)
+  return max(n for n in range(1, min(cap, common) + 1) if common % n == 0)
+
+
+def resolve_relation_heads(relation_heads: int, student_width: int, teacher_width: int,
+                           student_heads: int, teacher_heads: int) -> int:
+  """The relation head count to use; ValueError when it does not divide both widths."""
+  if not isinstance(relation_heads, int) or isinstance(relation_heads, bool) or relation_heads < 0:
+    raise ValueError(f"kt.relation_heads must be an int >= 0 (0 = auto), got {relation_heads!r}")
+  if relation_heads == 0:
+    return auto_relation_heads(student_width, teacher_width, student_heads, teacher_heads)
+  for who, width in (("student", student_width), ("teacher", teacher_width)):
+    if width % relation_heads:
+      divisors = [n for n in range(1, math.gcd(student_width, teacher_width) + 1)
+                  if student_width % n == 0 and teacher_width % n == 0]
+      raise ValueError(f"kt.relation_heads={relation_heads} does not divide the {who}'s Q/K/V "
+                       f"width {width} (student {student_width}, teacher {teacher_width}); "
+                       f"choose one of {divisors[-8:]} or 0 (auto)")
+  return relation_heads
+
+
+def _relation_log_probs(x: Array, num_heads: int, key_mask: Array | None) -> Array:
+  """log softmax(A A^T / sqrt(d)) per relation head: x [B, T, W] -> [B, R, T, T], float32."""
+  batch, seq, width = jnp.shape(x)
+  d = width // num_heads
+  heads = _f32(x).reshape(batch, seq, num_heads, d)
+  scores = jnp.einsum("btrd,bsrd->brts", heads, heads) * (1.0 / math.sqrt(d))
+  if key_mask is not None:
+    # Selecting (not adding) the floor keeps huge MobileBERT scores from overflowing to -inf.
+    floor = jnp.finfo(jnp.float32).min
+    scores = jnp.where(key_mask[:, None, None, :] > 0, scores, floor)
+  return jax.nn.log_softmax(scores, axis=-1)
+
+
+def relation_loss(student_x: Array, teacher_x: Array, num_heads: int, *,
+                  attention_mask: Array | None = None, over: str = "all") -> Array:
+  """MiniLMv2 self-relation transfer for one of Q, K or V ([B, T, W] before the head split).
+
+  Both sides are split into `num_heads` relation heads (each with its own width W / num_heads),
+  relation = softmax(A A^T / sqrt(d)) over keys, and the loss is KL(teacher || student) averaged
+  over batch, relation heads and query rows: 0 exactly when the relations agree, whatever the
+  two widths. Padded keys (`attention_mask` 0) are excluded from both softmaxes; over='real'
+  also averages only over real query rows.
+  """
+  _require_choice(over, AVERAGE_OVER, "relation loss 'over'")
+  _require_rank(student_x, 3, "student Q/K/V [batch, seq, width]")
+  _require_rank(teacher_x, 3, "teacher Q/K/V [batch, seq, width]")
+  if jnp.shape(student_x)[:2] != jnp.shape(teacher_x)[:2]:
+    raise ValueError(f"relation transfer: student [batch, seq] {jnp.shape(student_x)[:2]} != "
+                     f"teacher {jnp.shape(teacher_x)[:2]}")
+  for who, x in (("student", student_x), ("teacher", teacher_x)):
+    if jnp.shape(x)[-1] % num_heads:
+      raise ValueError(f"relation transfer: {num_heads} relation heads do not divide the {who}'s "
+                       f"width {jnp.shape(x)[-1]}")
+  key_mask = None
+  if attention_mask is not None:
+    key_mask = _token_mask(attention_mask, student_x, "relation transfer")
+  if over == "real" and key_mask is None:
+    raise ValueError("relation loss over='real' needs attention_mask [batch, seq]")
+  student = _relation_log_probs(student_x, num_heads, key_mask)
+  teacher = jax.lax.stop_gradient(_relation_log_probs(teacher_x, num_heads, key_mask))
+  teacher_probs = jnp.exp(teacher)
+  per_row = jnp.sum(_xlogy_where_positive(teacher_probs, teacher)
+                    - _xlogy_where_positive(teacher_probs, student), axis=-1)
+  row_weights = key_mask[:, None, :] if over == "real" else None
+  return _weighted_mean(per_row, row_weights)
+
+
+def relation_transfer_loss(student_qkv: Sequence[Array], teacher_qkv: Sequence[Array],
+                           num_heads: int, *, attention_mask: Array | None = None,
+                           over: str = "all") -> Array:
+  """Sum of the query-query, key-key and value-value relation losses (MiniLMv2's objective)."""
+  if len(student_qkv) != 3 or len(teacher_qkv) != 3:
+    raise ValueError("relation transfer needs (queries, keys, values) from both models")
+  return sum(relation_loss(s, t, num_heads, attention_mask=attention_mask, over=over)
+             for s, t in zip(student_qkv, teacher_qkv))
+
+
+def resolve_attention_transfer(mode: str, student_heads: int, teacher_heads: int) -> str:
+  """'per_head' or 'relation' for a configured mode; ValueError for per_head across head counts."""
+  _require_choice(mode, ATTENTION_TRANSFERS, "kt.attention_transfer")
+  if mode == "auto":
+    return "per_head" if student_heads == teacher_heads else "relation"
+  if mode == "per_head" and student_heads != teacher_heads:
+    raise ValueError(f"kt.attention_transfer='per_head' compares attention maps head by head, "
+                     f"but the student has {student_heads} heads and the teacher "
+                     f"{teacher_heads}: set kt.attention_transfer='relation' (or 'auto')")
+  return mode
+
+
+def resolve_feature_projection(feature_transfer: str, feature_projection: str,
+                               student_width: int, teacher_width: int) -> str:
+  """'none', 'shared' or 'per_layer'; ValueError when features of different widths would meet
+  without a projection."""
+  _require_choice(feature_transfer, FEATURE_TRANSFERS, "kt.feature_transfer")
+  _require_choice(feature_projection, FEATURE_PROJECTIONS, "kt.feature_projection")
+  if feature_transfer == "similarity":
+    if feature_projection in ("shared", "per_layer"):
+      raise ValueError(f"kt.feature_projection={feature_projection!r} has nothing to project: "
+                       "kt.feature_transfer='similarity' is parameter-free; set "
+                       "kt.feature_projection='auto' or 'none'")
+    return "none"
+  if feature_projection == "auto":
+    return "shared" if student_width != teacher_width else "none"
+  if feature_projection == "none" and student_width != teacher_width:
+    raise ValueError(f"kt.feature_projection='none' but the student's feature maps are "
+                     f"{student_width} wide and the teacher's {teacher_width}: set "
+                     "kt.feature_projection='auto' (or 'shared'/'per_layer'), or "
+                     "kt.feature_transfer='similarity'")
+  return feature_projection
+
+
+# ----------------------------------------------------------------------------------------------
 # Layer mapping and per-layer transfer terms
 # ----------------------------------------------------------------------------------------------
 
@@ -375,6 +563,13 @@ def _config_value(cfg: Mapping[str, Any] | Any, key: str) -> Any:
   return TRANSFER_DEFAULTS[key] if value is None else value
 
 
+def transfer_option(cfg: Mapping[str, Any] | Any, key: str) -> Any:
+  """The value `transfer_losses` uses for a kt config key (its TRANSFER_DEFAULTS when unset)."""
+  if key not in TRANSFER_DEFAULTS:
+    raise KeyError(f"unknown knowledge-transfer option {key!r}; known: {sorted(TRANSFER_DEFAULTS)}")
+  return _config_value(cfg, key)
+
+
 def default_transfer_config():
   """The `cfg` for `transfer_losses` as a ConfigDict, official TF1 behaviour except §1.2."""
   cfg = ml_collections.ConfigDict()
@@ -386,6 +581,47 @@ def default_transfer_config():
   return cfg
 
 
+def _positive_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def resolve_layer_map(custom: Sequence[int] | None, num_student_layers: int,
+                      num_teacher_layers: int | None) -> tuple[int, ...]:
+  """Teacher layer (1-based) for each student layer: `custom` (kt.layer_map) when non-empty,
+  else the uniform `layer_map`. A custom map may repeat teacher layers, so a student deeper
+  than its teacher (MobileBERT's 24 layers from BERT-base's 12) can still learn layer-wise.
+  `num_teacher_layers` None skips the range check (the caller checks what ran).
+  """
+  custom = tuple(custom or ())
+  if not custom:
+    if num_teacher_layers is not None and num_student_layers > num_teacher_layers:
+      repeat = [-(-i * num_teacher_layers // num_student_layers)
+                for i in range(1, num_student_layers + 1)]
+      raise ValueError(f"the student has more layers ({num_student_layers}) than the teacher "
+                       f"({num_teacher_layers}), so the uniform layer map does not exist: set "
+                       f"kt.layer_map to one teacher layer per student layer, e.g. {repeat}")
+    return layer_map(num_student_layers, num_teacher_layers)
+  if len(custom) != num_student_layers:
+    raise ValueError(f"kt.layer_map has {len(custom)} entries but the student has "
+                     f"{num_student_layers} layers: give one 1-based teacher layer per student "
+                     "layer, or leave it empty for the uniform map")
+  for i, value in enumerate(custom, start=1):
+    if not _positive_int(value) or (num_teacher_layers is not None
+                                    and value > num_teacher_layers):
+      top = "" if num_teacher_layers is None else f"..{num_teacher_layers}"
+      raise ValueError(f"kt.layer_map[{i - 1}] = {value!r} (student layer {i}) is not a teacher "
+                       f"layer 1{top}; 0 (the embeddings) cannot be a target")
+  return custom
+
+
+def teacher_depth(mapping: Sequence[int], num_student_layers_run: int | None) -> int | None:
+  """Teacher layers to run when the student runs its first `num_student_layers_run` layers
+  (None = the whole student, so the whole teacher too)."""
+  if num_student_layers_run is None:
+    return None
+  return max(mapping[:num_student_layers_run])
+
+
 def _resolve_layer_map(cfg: Any, student_out: Any, teacher_out: Any) -> tuple[int, ...]:
   """Full-depth map from the config; inferred from the outputs only when the config is silent.
 
@@ -394,12 +630,15 @@ def _resolve_layer_map(cfg: Any, student_out: Any, teacher_out: Any) -> tuple[in
   """
   num_student = _config_value(cfg, "num_student_layers")
   num_teacher = _config_value(cfg, "num_teacher_layers")
+  custom = tuple(_config_value(cfg, "layer_map") or ())
   if (num_student is None) != (num_teacher is None):
     raise ValueError("set both num_student_layers and num_teacher_layers, or neither")
   if num_student is None:
+    if custom:
+      return resolve_layer_map(custom, len(custom), None)
     num_student = len(student_out.hidden_states) - 1
     num_teacher = len(teacher_out.hidden_states) - 1
-  return layer_map(int(num_student), int(num_teacher))
+  return resolve_layer_map(custom, int(num_student), int(num_teacher))
 
 
 def _check_available(layer: int, available: int, who: str) -> None:
@@ -408,61 +647,139 @@ def _check_available(layer: int, available: int, who: str) -> None:
                      f"(run it with num_layers >= {layer})")
 
 
+def _layer_qkv(out: Any, layer: int, who: str) -> tuple[Array, Array, Array]:
+  qkv = getattr(out, "qkv", ()) or ()
+  if len(qkv) < layer:
+    raise ValueError(f"relation attention transfer needs the {who}'s queries/keys/values of "
+                     f"layer {layer}: run the {who} with return_qkv=True")
+  return qkv[layer - 1]
+
+
+def _student_features(student_h: Array, teacher_h: Array, projection: Any, mode: str,
+                      layer: int) -> Array:
+  """The student feature map as compared with the teacher's under feature_transfer='features'."""
+  if projection is not None:
+    return project_features(student_h, projection, layer)
+  student_width, teacher_width = jnp.shape(student_h)[-1], jnp.shape(teacher_h)[-1]
+  if mode in ("shared", "per_layer"):
+    raise ValueError(f"kt.feature_projection={mode!r} but no projection params were passed: "
+                     "give transfer_losses the state's params['kt_projection'] "
+                     "(teacher.init_transfer_params)")
+  if student_width != teacher_width:
+    raise ValueError(f"feature maps are {student_width} (student) vs {teacher_width} (teacher) "
+                     "wide: pass the projection params (kt.feature_projection='auto', "
+                     "teacher.init_transfer_params) or set kt.feature_transfer='similarity'")
+  return student_h
+
+
 def transfer_losses(student_out: Any, teacher_out: Any, attention_mask: Array | None,
-                    cfg: Mapping[str, Any] | Any, layers: Sequence[int]) -> dict[str, Array]:
+                    cfg: Mapping[str, Any] | Any, layers: Sequence[int],
+                    projection: Mapping[str, Array] | None = None,
+                    terms: Sequence[str] = TRANSFER_TERMS) -> dict[str, Array]:
   """Per-layer knowledge-transfer terms for the listed student layers (1-based).
 
-  `student_out` / `teacher_out` provide `.hidden_states` (embedding output first) and
-  `.attention_scores` (one [B, N, T, T] per layer), possibly truncated. Each student layer i is
-  compared with teacher layer `layer_map(...)[i - 1]`; both must have been computed.
+  `student_out` / `teacher_out` provide `.hidden_states` (embedding output first),
+  `.attention_scores` (one [B, N, T, T] per layer) and, for relation transfer, `.qkv` (one
+  (q, k, v) per layer, `return_qkv=True`), possibly truncated. Each student layer i is compared
+  with teacher layer `kt.layer_map[i - 1]` (uniform map when empty); both must have been run.
 
-  Returns {'fmt', 'at', 'mean', 'var'}, each a float32 array [len(layers)] in the order of
-  `layers`, unweighted, so the trainer applies the stage's weights and logs each layer.
-  See TRANSFER_DEFAULTS for the config keys.
+  Feature terms ('fmt', 'mean', 'var'): with feature_transfer='features' the student's map goes
+  through `projection` (params['kt_projection'], from `teacher.init_transfer_params`) when one
+  is given, and FMT and mean/variance compare the projected map with the teacher's; with
+  'similarity' FMT compares token-similarity matrices and mean/var the raw per-token moments
+  (both width-free, no parameters). Attention term ('at'): per-head attention maps, or the sum
+  of MiniLMv2's Q-Q, K-K, V-V relation KLs over `relation_heads` heads (kt.attention_transfer).
+
+  Returns the requested `terms` (default all of 'fmt', 'at', 'mean', 'var'), each a float32
+  array [len(layers)] in the order of `layers`, unweighted, so the trainer applies the stage's
+  weights and logs each layer. Leave 'at' out of `terms` when the stage does not weight it, so
+  neither model has to return Q/K/V. See TRANSFER_DEFAULTS for the config keys.
   """
   layers = tuple(layers)
+  terms = tuple(terms)
   if not layers:
     raise ValueError("transfer_losses needs at least one student layer")
+  if not terms or set(terms) - set(TRANSFER_TERMS):
+    raise ValueError(f"terms must be a non-empty subset of {TRANSFER_TERMS}, got {terms}")
   normalize = bool(_config_value(cfg, "normalize_features"))
   feature_over = _config_value(cfg, "feature_over")
   attention_over = _config_value(cfg, "attention_over")
   attention_kind = _config_value(cfg, "attention_kind")
   all_layer_stats = bool(_config_value(cfg, "tf1_all_layer_stats"))
+  feature_transfer = _config_value(cfg, "feature_transfer")
+  projection_mode = _config_value(cfg, "feature_projection")
   _require_choice(feature_over, AVERAGE_OVER, "feature_over")
+  _require_choice(feature_transfer, FEATURE_TRANSFERS, "kt.feature_transfer")
+  _require_choice(projection_mode, FEATURE_PROJECTIONS, "kt.feature_projection")
+  if feature_transfer == "similarity" and projection is not None:
+    raise ValueError("kt.feature_transfer='similarity' is parameter-free: pass projection=None")
+  if projection is not None and projection_mode == "none":
+    raise ValueError("kt.feature_projection='none' but projection params were passed")
   if feature_over == "real" and attention_mask is None:
     raise ValueError("feature_over='real' needs attention_mask [batch, seq]")
   token_mask = attention_mask if feature_over == "real" else None
 
   mapping = _resolve_layer_map(cfg, student_out, teacher_out)
   student_depth = len(student_out.hidden_states) - 1
-  teacher_depth = len(teacher_out.hidden_states) - 1
+  teacher_depth_run = len(teacher_out.hidden_states) - 1
+  wants_features = any(t in terms for t in ("fmt", "mean", "var"))
   # TF1 takes the statistics of every teacher output that exists; computed once for all layers.
-  teacher_stats = stacked_token_moments(teacher_out.hidden_states) if all_layer_stats else None
+  teacher_stats = None
+  if all_layer_stats and ("mean" in terms or "var" in terms):
+    teacher_stats = stacked_token_moments(teacher_out.hidden_states)
+  attention_mode = relation_heads = None
 
-  per_term: dict[str, list[Array]] = {term: [] for term in TRANSFER_TERMS}
+  per_term: dict[str, list[Array]] = {term: [] for term in terms}
   for layer in layers:
     if not 1 <= layer <= len(mapping):
       raise ValueError(f"student layer {layer} outside 1..{len(mapping)}")
     teacher_layer = mapping[layer - 1]
     _check_available(layer, student_depth, "student")
-    _check_available(teacher_layer, teacher_depth, "teacher")
+    _check_available(teacher_layer, teacher_depth_run, "teacher")
     student_h = student_out.hidden_states[layer]
     teacher_h = teacher_out.hidden_states[teacher_layer]
-    per_term["fmt"].append(
-        feature_map_loss(student_h, teacher_h, normalize=normalize, mask=token_mask))
-    per_term["at"].append(
-        attention_loss(student_out.attention_scores[layer - 1],
-                       teacher_out.attention_scores[teacher_layer - 1],
-                       attention_mask=attention_mask, over=attention_over, kind=attention_kind))
-    if teacher_stats is None:
-      beta, gamma = mean_variance_loss(student_h, teacher_h, mask=token_mask)
-    else:
-      _require_same_shape(student_h, teacher_h, "mean/variance transfer")
-      beta, gamma = _moment_discrepancy(
-          token_moments(student_h), teacher_stats,
-          _token_mask(token_mask, student_h, "mean/variance transfer"))
-    per_term["mean"].append(beta)
-    per_term["var"].append(gamma)
+    student_heads = jnp.shape(student_out.attention_scores[layer - 1])[1]
+    teacher_heads = jnp.shape(teacher_out.attention_scores[teacher_layer - 1])[1]
+    if "at" in terms and attention_mode is None:
+      attention_mode = resolve_attention_transfer(_config_value(cfg, "attention_transfer"),
+                                                  student_heads, teacher_heads)
+    if wants_features:
+      if feature_transfer == "similarity":
+        student_f = student_h
+        if "fmt" in terms:
+          per_term["fmt"].append(
+              similarity_loss(student_h, teacher_h, normalize=normalize, mask=token_mask))
+      else:
+        student_f = _student_features(student_h, teacher_h, projection, projection_mode, layer)
+        if "fmt" in terms:
+          per_term["fmt"].append(
+              feature_map_loss(student_f, teacher_h, normalize=normalize, mask=token_mask))
+      if "mean" in terms or "var" in terms:
+        weights = _token_mask(token_mask, student_f, "mean/variance transfer")
+        if jnp.shape(student_f)[:2] != jnp.shape(teacher_h)[:2]:
+          raise ValueError(f"mean/variance transfer: student [batch, seq] "
+                           f"{jnp.shape(student_f)[:2]} != teacher {jnp.shape(teacher_h)[:2]}")
+        stats = teacher_stats if teacher_stats is not None else token_moments(teacher_h)
+        beta, gamma = _moment_discrepancy(token_moments(student_f), stats, weights)
+        if "mean" in terms:
+          per_term["mean"].append(beta)
+        if "var" in terms:
+          per_term["var"].append(gamma)
+    if attention_mode == "per_head":
+      per_term["at"].append(
+          attention_loss(student_out.attention_scores[layer - 1],
+                         teacher_out.attention_scores[teacher_layer - 1],
+                         attention_mask=attention_mask, over=attention_over, kind=attention_kind))
+    elif attention_mode == "relation":
+      student_qkv = _layer_qkv(student_out, layer, "student")
+      teacher_qkv = _layer_qkv(teacher_out, teacher_layer, "teacher")
+      if relation_heads is None:
+        relation_heads = resolve_relation_heads(
+            int(_config_value(cfg, "relation_heads")), jnp.shape(student_qkv[0])[-1],
+            jnp.shape(teacher_qkv[0])[-1], student_heads, teacher_heads)
+      per_term["at"].append(relation_transfer_loss(
+          student_qkv, teacher_qkv, relation_heads, attention_mask=attention_mask,
+          over=attention_over))
   return {term: jnp.stack(values) for term, values in per_term.items()}
 
 

@@ -442,3 +442,26 @@ def test_transfer_losses_explain_missing_layers():
     losses.transfer_losses(student, teacher, MASK, {"num_student_layers": 2}, layers=(1,))
   with pytest.raises(ValueError, match="at least one"):
     losses.transfer_losses(student, teacher, MASK, cfg, layers=())
+
+
+def test_kt_section_fields_are_transfer_options():
+  from configs import common
+  kt = common.kt_section()
+  assert set(kt.keys()) <= set(losses.TRANSFER_DEFAULTS)
+  for key in kt.keys():
+    assert losses.transfer_option(kt, key) == kt[key], key
+  assert losses.transfer_option({}, "feature_projection") == "auto"
+  assert losses.transfer_option({}, "attention_transfer") == "auto"
+  with pytest.raises(KeyError, match="unknown knowledge-transfer option"):
+    losses.transfer_option({}, "projection")
+
+
+def test_transfer_losses_computes_only_the_requested_terms():
+  student, teacher = fake_outputs(120, 2), fake_outputs(130, 2)
+  full = losses.transfer_losses(student, teacher, MASK, {}, layers=(1, 2))
+  part = losses.transfer_losses(student, teacher, MASK, {}, layers=(1, 2), terms=("fmt", "at"))
+  assert set(part) == {"fmt", "at"}
+  for term in part:
+    close(part[term], np.asarray(full[term]))
+  with pytest.raises(ValueError, match="non-empty subset"):
+    losses.transfer_losses(student, teacher, MASK, {}, layers=(1,), terms=("kd",))
