@@ -103,6 +103,12 @@ def kt_section() -> ml_collections.ConfigDict:
   k.attention_over = "all"        # all positions (official) | real (non-padding query rows)
   k.attention_kind = "ce"         # ce (official, KL gradient) | kl
   k.tf1_all_layer_stats = False   # TF1 quirk: mean/var vs all teacher outputs
+  # Teachers of another shape (mbert_jax.teacher.check_transfer validates these before compile):
+  k.feature_transfer = "features"  # features (FMT + mean/var) | similarity (token-similarity MSE)
+  k.feature_projection = "auto"    # auto (shared when widths differ) | shared | per_layer | none
+  k.attention_transfer = "auto"    # auto (per_head if head counts match) | per_head | relation
+  k.relation_heads = 0             # MiniLMv2 relation heads; 0 = auto (divides both Q/K/V widths)
+  k.layer_map = ()                 # 1-based teacher layer per student layer; () = uniform map
   return k
 
 

@@ -1,6 +1,7 @@
 """Hugging Face interop: import MobileBERT / BERT directories, export MobileBERT ones.
 
     cfg, params = load("path/to/hf_dir")          # MobileBert*/Bert* (pre-training or bare)
+    imported = import_model("path/to/hf_dir")      # the same, plus layout and which heads are real
     save(cfg, params, "out_dir", tokenizer_dir=...)  # loads in MobileBertForPreTraining
 
 Import keeps Hugging Face semantics (spec §7, §13.3): `hidden_act="gelu"` stays the exact erf
@@ -203,9 +204,13 @@ def _read_state_dict(d: Path) -> tuple[dict[str, np.ndarray], str]:
       for shard in shards:
         sd.update(reader(d / shard))
       return sd, index
+  others = [f for f in ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
+            if (d / f).is_file()]
+  hint = (f" (found {', '.join(others)}: convert it to PyTorch/safetensors with transformers "
+          "first)") if others else ""
   raise FileNotFoundError(
       f"{d}: no weights found; expected one of {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
-      f"{TORCH_NAME}, {TORCH_INDEX_NAME}")
+      f"{TORCH_NAME}, {TORCH_INDEX_NAME}{hint}")
 
 
 def _canonical(key: str) -> str:
@@ -265,17 +270,100 @@ def _expected_hf_shape(entry: _Entry, ours_shape: tuple[int, ...]) -> tuple[int,
   return tuple(reversed(shape)) if entry.transpose else tuple(shape)
 
 
-def load(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
-  """Imports a Hugging Face MobileBERT or BERT directory.
+@dataclasses.dataclass(frozen=True)
+class Imported:
+  """A Hugging Face directory as `import_model` found it.
 
-  Accepts `MobileBertForPreTraining`/`MobileBertModel` and `BertForPreTraining`/`BertModel`
-  (backbone keys with or without the `mobilebert.`/`bert.` prefix). Returns the config and a
-  float32 numpy parameter tree shaped as `nn.unbox(model.init(...)['params'])`, encoder layers
-  stacked on a leading axis (numpy, so callers place or shard it as they like).
+  `layout` names what the tensors hold, whatever `architectures` says: `BertForPreTraining`
+  (MLM + NSP heads), `BertForMaskedLM` (MLM head only), `BertModel` (bare encoder, as
+  sentence-encoder packages ship it), or the `MobileBert...` equivalents. Heads the file lacks
+  are still in `params` (initialised fresh, so the model can run), but listed in `fresh` and
+  reported by `has_mlm_head` / `has_nsp_head`: a caller must not treat them as trained.
+  """
+  config: ModelConfig
+  params: dict[str, Any]
+  layout: str
+  has_mlm_head: bool
+  has_nsp_head: bool
+  has_pooler: bool
+  fresh: tuple[str, ...]   # our parameter paths initialised fresh (seed FRESH_INIT_SEED)
+  source: str              # the weights file (or index) read
+  directory: str           # the model directory (inside a sentence-transformers package: the
+                           # Transformer module's folder)
+
+
+# Probe for the backbone: every BERT-family checkpoint has the word table.
+_PROBE = "embeddings.word_embeddings.weight"
+_SENTENCE_TRANSFORMERS_MODULES = "modules.json"
+
+
+def _model_dir(d: Path) -> Path:
+  """`d`, or the Transformer module's folder of a sentence-transformers directory whose
+  encoder lives in a sub-folder (older packages: `0_BERT/`, `0_Transformer/`)."""
+  if (d / CONFIG_NAME).is_file() or not (d / _SENTENCE_TRANSFORMERS_MODULES).is_file():
+    return d
+  modules = json.loads((d / _SENTENCE_TRANSFORMERS_MODULES).read_text())
+  for module in modules:
+    kind = str(module.get("type", ""))
+    if kind.endswith((".Transformer", ".BERT")):
+      sub = d / module.get("path", "")
+      if (sub / CONFIG_NAME).is_file():
+        return sub
+  raise FileNotFoundError(f"{d}: a sentence-transformers directory, but no Transformer/BERT "
+                          f"module in {_SENTENCE_TRANSFORMERS_MODULES} has a {CONFIG_NAME}")
+
+
+def _backbone_prefix(sd: Mapping[str, Any], base: str, where: str) -> str:
+  """'bert.' / 'mobilebert.' (task models) or '' (bare encoders); ValueError otherwise."""
+  for prefix in (base + ".", ""):
+    if prefix + _PROBE in sd:
+      return prefix
+  starts: dict[str, int] = {}
+  for key in sd:
+    head = key.split(".", 1)[0] + "."
+    starts[head] = starts.get(head, 0) + 1
+  seen = ", ".join(f"{k} ({n})" for k, n in sorted(starts.items(), key=lambda kv: -kv[1])[:8])
+  raise ValueError(
+      f"{where}: unknown checkpoint layout: neither {base}.{_PROBE} nor {_PROBE} is present. "
+      f"Readable layouts: {_layout_name(base, True, True)}, {_layout_name(base, True, False)}, "
+      f"{_layout_name(base, False, False)} (backbone names with or without the `{base}.` "
+      f"prefix). The file's tensor names start with: {seen or 'nothing (empty file)'}")
+
+
+def _layout_name(base: str, mlm: bool, nsp: bool) -> str:
+  family = "MobileBert" if base == "mobilebert" else "Bert"
+  if mlm and nsp:
+    return family + "ForPreTraining"
+  if mlm:
+    return family + "ForMaskedLM"
+  if nsp:
+    return family + "ForNextSentencePrediction"
+  return family + "Model"
+
+
+def load(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+  """Imports a Hugging Face MobileBERT or BERT directory: (config, params).
+
+  The layouts of `import_model`; returns only its config and parameters (headless files get
+  fresh heads, named in a warning). Use `import_model` to learn which heads were real.
+  """
+  imported = import_model(path)
+  return imported.config, imported.params
+
+
+def import_model(path: str | os.PathLike) -> Imported:
+  """Imports a Hugging Face MobileBERT or BERT-family encoder directory.
+
+  Accepts `BertForPreTraining`, `BertForMaskedLM`, bare `BertModel` and MobileBERT
+  (`MobileBertForPreTraining`/`MobileBertModel`) checkpoints, backbone keys with or without the
+  `bert.`/`mobilebert.` prefix, as model.safetensors or pytorch_model.bin (single or sharded),
+  and sentence-transformers directories. Parameters are a float32 numpy tree shaped as
+  `nn.unbox(model.init(...)['params'])`, encoder layers stacked on a leading axis.
 
   Heads (and the pooler) a headless directory lacks are initialised fresh with seed
-  FRESH_INIT_SEED and named in a warning; a missing or mis-shaped backbone tensor raises
-  ValueError naming it; tensors the model does not use are named in a warning.
+  FRESH_INIT_SEED, named in a warning and in `Imported.fresh`. Errors are ValueErrors raised
+  before any compilation: an unknown layout, a missing or mis-shaped backbone tensor (named);
+  tensors the model does not use are named in a warning.
   """
   from flax import traverse_util
 
@@ -284,6 +372,7 @@ def load(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
   d = Path(path)
   if not d.is_dir():
     raise FileNotFoundError(f"{d}: not a directory (expected a Hugging Face model directory)")
+  d = _model_dir(d)
   if not (d / CONFIG_NAME).is_file():
     raise FileNotFoundError(f"{d}: no {CONFIG_NAME}")
   hf_cfg = json.loads((d / CONFIG_NAME).read_text())
@@ -293,12 +382,12 @@ def load(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
   _hf_config_checks(hf_cfg, d / CONFIG_NAME)
   cfg = from_hf_config(hf_cfg).validate()
   base = "bert" if hf_cfg["model_type"] == "bert" else "mobilebert"
+  where = f"{d / source}"
 
   sd = {_canonical(k): v for k, v in raw.items()
         if not any(k.endswith(s) for s in _BUFFER_SUFFIXES)}
   # Prefixed (task models) or bare (MobileBertModel/BertModel saved alone) backbone names.
-  prefixed = any(k.startswith(base + ".") for k in sd)
-  prefix = base + "." if prefixed else ""
+  prefix = _backbone_prefix(sd, base, where)
 
   def file_key(hf: str) -> str:
     return hf if _is_head(hf) else prefix + hf
@@ -328,7 +417,6 @@ def load(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
         tensors[0].T if entry.transpose else tensors[0])
     flat[entry.ours] = np.ascontiguousarray(arr)
 
-  where = f"{d / source}"
   if misshaped:
     lines = [f"  {k}: expected shape {w}, found {f}" for k, w, f in misshaped]
     raise ValueError(f"{where}: {len(misshaped)} tensor(s) do not fit the architecture in "
@@ -383,7 +471,13 @@ def load(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
   if extra:  # the table and the model disagree: a bug here, not in the checkpoint
     raise AssertionError(f"mbert_jax.hf table maps to unknown parameters {sorted(extra)}")
   tree = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-  return cfg, tree
+  has_mlm = not any(p.startswith("cls/predictions/") for p in absent)
+  has_nsp = not any(p.startswith("cls/seq_relationship/") for p in absent)
+  return Imported(
+      config=cfg, params=tree, layout=_layout_name(base, has_mlm, has_nsp),
+      has_mlm_head=has_mlm, has_nsp_head=has_nsp,
+      has_pooler=cfg.classifier_activation and not any(p.startswith("pooler/") for p in absent),
+      fresh=tuple(sorted(absent)), source=where, directory=str(d))
 
 
 # ---------------------------------------------------------------------------- export
