@@ -1,28 +1,67 @@
 """The teacher side of knowledge transfer: load a teacher (sharded, forward only) from an
-mbert-jax workdir or a Hugging Face directory, and seed the student from it.
+mbert-jax workdir or a Hugging Face directory, check that it can teach this student with this
+schedule, create the small learned transfer parameters, and seed the student from it.
+
+Teachers may be any BERT-family encoder: feature maps of another width go through a learned
+projection (`init_transfer_params`) or are compared as token-similarity matrices; another head
+count switches attention transfer to MiniLMv2 relations; another depth uses `kt.layer_map`.
+`check_transfer` validates all of it before anything compiles.
 
 Knows models, checkpoints and sharding; nothing of the training loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
 from mbert_jax import checkpoint as ckpt_lib
+from mbert_jax import losses
 from mbert_jax import sharding
 from mbert_jax.models import ModelConfig
-from mbert_jax.workdir import CHECKPOINT_DIR, MODEL_CONFIG_FILE, is_mbert_workdir
+from mbert_jax.workdir import CHECKPOINT_DIR, MODEL_CONFIG_FILE, TOKENIZER_DIR, is_mbert_workdir
+
+# Top-level key of the projection tree in the student's params (sibling of `embeddings`,
+# `encoder`, `cls`); the student model ignores it.
+PROJECTION_KEY = "kt_projection"
+_VOCAB_FILES = ("vocab.txt", "tokenizer.json")
+# Loss terms of `Stage.loss_weights` that read the teacher's feature maps / attention / logits.
+_FEATURE_TERMS = ("fmt", "mean", "var")
 
 
-def load_teacher(teacher_cfg, mesh, rules) -> tuple[ModelConfig, Any]:
-  """Teacher config and params (sharded by the same rules), from a workdir or an HF directory."""
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A loaded teacher and what the loop must know about it before it compiles anything."""
+  config: ModelConfig
+  params: Any
+  path: str
+  layout: str                # 'mbert-jax' or the Hugging Face layout (hf.Imported.layout)
+  has_mlm_head: bool         # False: a bare encoder, whose MLM logits are random (no 'kd')
+  has_nsp_head: bool
+  fresh: tuple[str, ...]     # parameter paths the checkpoint lacked (initialised fresh)
+  vocab_file: str            # the teacher's vocabulary beside its weights; '' when none
+
+
+def _vocab_file(directory: str) -> str:
+  for name in _VOCAB_FILES:
+    if os.path.isfile(os.path.join(directory, name)):
+      return os.path.join(directory, name)
+  return ""
+
+
+def open_teacher(teacher_cfg, mesh, rules) -> Teacher:
+  """Loads `teacher_cfg.checkpoint` (workdir or HF directory), sharded by `rules` on `mesh`."""
   path = teacher_cfg.checkpoint
   dtype = teacher_cfg.compute_dtype
   if is_mbert_workdir(path):
@@ -33,49 +72,258 @@ def load_teacher(teacher_cfg, mesh, rules) -> tuple[ModelConfig, Any]:
     params, at = ckpt_lib.restore_params_only(os.path.join(path, CHECKPOINT_DIR),
                                               sharding.with_shardings(abstract, shardings), step)
     logging.info("teacher: %s step %d", path, at)
-    return cfg, params
-  if os.path.exists(os.path.join(path, "config.json")):
+    return Teacher(cfg, params, path, "mbert-jax", True, True, (),
+                   _vocab_file(os.path.join(path, TOKENIZER_DIR)))
+  if os.path.isdir(path):
     from mbert_jax import hf
-    cfg, np_params = hf.load(path)
-    cfg = cfg.replace(compute_dtype=dtype)
+    imported = hf.import_model(path)
+    cfg = imported.config.replace(compute_dtype=dtype)
     _, _, shardings = sharding.abstract_params(cfg, mesh, rules)
-    return cfg, sharding.place_tree(np_params, shardings)
+    logging.info("teacher: %s (%s, %d layers, width %d, %d heads)", imported.source,
+                 imported.layout, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads)
+    return Teacher(cfg, sharding.place_tree(imported.params, shardings), path, imported.layout,
+                   imported.has_mlm_head, imported.has_nsp_head, imported.fresh,
+                   _vocab_file(imported.directory))
   raise FileNotFoundError(f"teacher.checkpoint = {path!r} holds neither an mbert-jax run "
                           "(model_config.json) nor a Hugging Face model (config.json)")
 
 
-def init_student_from_teacher(params, teacher_params, s_cfg: ModelConfig, t_cfg: ModelConfig,
-                              teacher_cfg) -> tuple[Any, list[str]]:
-  """Copies embeddings and heads (spec §9.3); returns new params and the copied paths."""
-  if s_cfg.hidden_size != t_cfg.hidden_size:
-    raise ValueError(f"teacher hidden_size {t_cfg.hidden_size} != student hidden_size "
-                     f"{s_cfg.hidden_size}: feature maps must have the same width")
+def load_teacher(teacher_cfg, mesh, rules) -> tuple[ModelConfig, Any]:
+  """Teacher config and params (sharded by the same rules), from a workdir or an HF directory."""
+  teacher = open_teacher(teacher_cfg, mesh, rules)
+  return teacher.config, teacher.params
+
+
+# ----------------------------------------------------------------------------------------------
+# What the transfer needs, validated before compilation
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TransferPlan:
+  """The resolved knowledge-transfer choices for one student/teacher pair (for the log)."""
+  layer_map: tuple[int, ...]       # teacher layer (1-based) per student layer; () = no layer terms
+  feature_transfer: str            # 'features' | 'similarity'
+  projection: str                  # 'none' | 'shared' | 'per_layer' ('none' also: no feature term)
+  attention_transfer: str          # 'per_head' | 'relation' | 'none' (no stage weights 'at')
+  relation_heads: int | None       # relation heads when attention_transfer = 'relation'
+
+  @property
+  def needs_qkv(self) -> bool:
+    """Whether both models must run with return_qkv=True for the 'at' term."""
+    return self.attention_transfer == "relation"
+
+  def teacher_layers(self, student_layers_run: int | None) -> int | None:
+    """Teacher depth to run for a stage whose student runs `student_layers_run` layers (use it
+    instead of `Stage.teacher_num_layers`, which knows only the uniform map)."""
+    if not self.layer_map:
+      return None
+    return losses.teacher_depth(self.layer_map, student_layers_run)
+
+  def describe(self) -> str:
+    attention = self.attention_transfer + (
+        f" ({self.relation_heads} relation heads)" if self.needs_qkv else "")
+    return (f"feature transfer {self.feature_transfer} (projection {self.projection}), "
+            f"attention transfer {attention}, layer map {list(self.layer_map)}")
+
+
+def _uses(stages: Sequence[Any], terms: Sequence[str]) -> list[Any]:
+  return [s for s in stages if any(s.weight(t) > 0 for t in terms)]
+
+
+def check_transfer(kt_cfg: Any, stages: Sequence[Any], student_cfg: ModelConfig,
+                   teacher_cfg: ModelConfig, teacher_has_mlm_head: bool, *,
+                   teacher_path: str = "", student_vocab: str = "",
+                   teacher_vocab: str = "") -> TransferPlan:
+  """Refuses, before any compilation, a student/teacher/schedule combination that cannot run.
+
+  `stages` is the built schedule (`schedule.build_schedule`). Raises ValueError, naming the fix,
+  for: a student vocabulary other than the teacher's; a `kt.layer_map` of the wrong length or
+  out of range; `per_head` attention transfer across different head counts; relation heads
+  that do not divide both Q/K/V widths; features of different widths without a projection;
+  and a 'kd' term (teacher MLM logits) from a teacher without an MLM head. Checks of terms no
+  stage weights are skipped. `teacher_path`, `student_vocab` (data.vocab) and `teacher_vocab`
+  only make messages name the files. Returns the resolved plan (log `plan.describe()`).
+  """
+  where = f" at {teacher_path}" if teacher_path else ""
+  if student_cfg.vocab_size != teacher_cfg.vocab_size:
+    fix = (f"set data.vocab={teacher_vocab}" if teacher_vocab else
+           "set data.vocab to the teacher's vocabulary file")
+    raise ValueError(
+        f"the student's vocabulary has {student_cfg.vocab_size} tokens "
+        f"(data.vocab={student_vocab or '?'}) but the teacher{where} has "
+        f"{teacher_cfg.vocab_size} (vocab file {teacher_vocab or 'unknown'}): knowledge "
+        f"transfer needs one vocabulary; {fix} (and model.vocab_size=-1)")
+  kd_stages = _uses(stages, ("kd",))
+  if kd_stages and not teacher_has_mlm_head:
+    names = ", ".join(repr(s.name) for s in kd_stages)
+    raise ValueError(
+        f"stage(s) {names} weight the 'kd' term (the teacher's MLM distribution), but the "
+        f"teacher{where} has no MLM head (a bare encoder): make the pre-training distillation "
+        "stage ground-truth only with schedule.alpha=1.0 (its kd weight is 1 - alpha; for a "
+        "custom schedule drop 'kd' from that stage's loss_weights), or use a teacher with an "
+        "MLM head (BertForPreTraining / BertForMaskedLM)")
+
+  option = lambda key: losses.transfer_option(kt_cfg, key)
+  layer_stages = _uses(stages, _FEATURE_TERMS + ("at",))
+  mapping = losses.resolve_layer_map(option("layer_map"), student_cfg.num_hidden_layers,
+                                     teacher_cfg.num_hidden_layers) if layer_stages else ()
+  projection = "none"
+  if _uses(stages, _FEATURE_TERMS):
+    projection = losses.resolve_feature_projection(
+        option("feature_transfer"), option("feature_projection"), student_cfg.hidden_size,
+        teacher_cfg.hidden_size)
+  attention, heads = "none", None
+  if _uses(stages, ("at",)):
+    attention = losses.resolve_attention_transfer(
+        option("attention_transfer"), student_cfg.num_attention_heads,
+        teacher_cfg.num_attention_heads)
+    if attention == "relation":
+      heads = losses.resolve_relation_heads(
+          option("relation_heads"), student_cfg.true_hidden_size, teacher_cfg.true_hidden_size,
+          student_cfg.num_attention_heads, teacher_cfg.num_attention_heads)
+  return TransferPlan(mapping, option("feature_transfer"), projection, attention, heads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned transfer parameters
+# ----------------------------------------------------------------------------------------------
+
+def init_transfer_params(kt_cfg: Any, student_cfg: ModelConfig, teacher_cfg: ModelConfig,
+                         key: jax.Array) -> dict[str, jax.Array] | None:
+  """The student -> teacher feature projection (TinyBERT's fit_dense), or None when none is
+  needed (equal widths under `auto`, `none`, or similarity transfer).
+
+  Plain float32 arrays without logical axes, to live in the train state at
+  params[PROJECTION_KEY]: `shared` = {'kernel': [Hs, Ht], 'bias': [Ht]}, `per_layer` =
+  {'kernel': [Ls, Hs, Ht], 'bias': [Ls, Ht]}. Equal widths start from the identity, so forcing
+  a projection starts from exactly the unprojected transfer; different widths start
+  variance-preserving (LeCun normal), because the mean/variance terms see the projected scale.
+  """
+  mode = losses.resolve_feature_projection(
+      losses.transfer_option(kt_cfg, "feature_transfer"),
+      losses.transfer_option(kt_cfg, "feature_projection"), student_cfg.hidden_size,
+      teacher_cfg.hidden_size)
+  if mode == "none":
+    return None
+  hs, ht = student_cfg.hidden_size, teacher_cfg.hidden_size
+
+  def one(k: jax.Array) -> jax.Array:
+    if hs == ht:
+      return jnp.eye(hs, dtype=jnp.float32)
+    return jax.nn.initializers.lecun_normal()(k, (hs, ht), jnp.float32)
+
+  if mode == "shared":
+    return {"kernel": one(key), "bias": jnp.zeros((ht,), jnp.float32)}
+  layers = student_cfg.num_hidden_layers
+  return {"kernel": jnp.stack([one(k) for k in jax.random.split(key, layers)]),
+          "bias": jnp.zeros((layers, ht), jnp.float32)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding the student
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SeedReport:
+  """What `init_student_from_teacher` copied and what it left fresh, and why.
+
+  Iterating (and `len`) goes over the copied paths, as the plain list it replaces did.
+  """
+  copied: tuple[str, ...]
+  skipped: tuple[tuple[str, str], ...]   # (student path, reason)
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self.copied)
+
+  def __len__(self) -> int:
+    return len(self.copied)
+
+  def lines(self) -> list[str]:
+    """One log line per path: 'copied <path>' or 'fresh <path>: <reason>'."""
+    return ([f"copied {p}" for p in self.copied]
+            + [f"fresh {p}: {why}" for p, why in self.skipped])
+
+
+def _copy_candidates(s_cfg: ModelConfig, t_cfg: ModelConfig,
+                     teacher_cfg: Any) -> list[tuple[str, str | None]]:
+  """(path prefix, None if switched on else why it is off) for everything a teacher may seed."""
   norm = teacher_cfg.copy_embedding_norm
   if norm == "auto":
-    norm = s_cfg.normalization_type == t_cfg.normalization_type
-  prefixes = []
-  if teacher_cfg.copy_embeddings:
-    prefixes += ["embeddings/word_embeddings/", "embeddings/embedding_transformation/",
-                 "embeddings/position_embeddings/", "embeddings/token_type_embeddings/"]
-  if norm:
-    prefixes.append("embeddings/norm/")
-  if teacher_cfg.copy_mlm_head:
-    prefixes.append("cls/predictions/")
-  if teacher_cfg.copy_nsp_head:
-    prefixes.append("cls/seq_relationship/")
+    same = s_cfg.normalization_type == t_cfg.normalization_type
+    norm_off = None if same else (
+        f"switched off (teacher.copy_embedding_norm=auto: student {s_cfg.normalization_type} "
+        f"vs teacher {t_cfg.normalization_type})")
+  else:
+    norm_off = None if norm else "switched off (teacher.copy_embedding_norm=False)"
+  embeddings_off = None if teacher_cfg.copy_embeddings else (
+      "switched off (teacher.copy_embeddings=False)")
+  mlm_off = None if teacher_cfg.copy_mlm_head else "switched off (teacher.copy_mlm_head=False)"
+  nsp_off = None if teacher_cfg.copy_nsp_head else "switched off (teacher.copy_nsp_head=False)"
+  return [("embeddings/word_embeddings/", embeddings_off),
+          ("embeddings/embedding_transformation/", embeddings_off),
+          ("embeddings/position_embeddings/", embeddings_off),
+          ("embeddings/token_type_embeddings/", embeddings_off),
+          ("embeddings/norm/", norm_off),
+          ("cls/predictions/", mlm_off),
+          ("cls/seq_relationship/", nsp_off)]
+
+
+def _copy_leaf(teacher_leaf: Any, student_leaf: Any) -> Any:
+  # A real copy: device_put onto an equal sharding would alias the teacher's buffer, and the
+  # student's state is donated to every step while the teacher's must survive it.
+  copy = jnp.copy(jnp.asarray(teacher_leaf))
+  if hasattr(student_leaf, "sharding"):
+    return jax.device_put(copy, student_leaf.sharding)
+  return copy
+
+
+def init_student_from_teacher(params: Any, teacher_params: Any, s_cfg: ModelConfig,
+                              t_cfg: ModelConfig, teacher_cfg: Any, *,
+                              teacher_fresh: Sequence[str] = ()) -> tuple[Any, SeedReport]:
+  """Copies the teacher's embeddings and heads into the student where the shapes agree (spec
+  §9.3); every other candidate stays freshly initialised and is reported with the reason.
+
+  Candidates are the embedding tables, embedding transformation and norm, and the MLM and NSP
+  heads, each switched by `teacher_cfg.copy_*`. `teacher_fresh` lists teacher paths its
+  checkpoint lacked (`Teacher.fresh`): random, so never copied. Returns the new params and a
+  `SeedReport`; the encoder and anything else are untouched and not reported.
+  """
   s_flat = traverse_util.flatten_dict(params, sep="/")
   t_flat = traverse_util.flatten_dict(teacher_params, sep="/")
-  copied = []
-  for path in s_flat:
-    if not any(path.startswith(p) for p in prefixes):
+  fresh_in_teacher = set(teacher_fresh)
+  candidates = _copy_candidates(s_cfg, t_cfg, teacher_cfg)
+  copied: list[str] = []
+  skipped: list[tuple[str, str]] = []
+  for path in sorted(s_flat):
+    off = [why for prefix, why in candidates if path.startswith(prefix)]
+    if not off:
       continue
-    if path not in t_flat:
-      raise ValueError(f"cannot copy {path} from the teacher: the teacher has no such parameter")
-    if t_flat[path].shape != s_flat[path].shape:
-      raise ValueError(f"cannot copy {path} from the teacher: shape {t_flat[path].shape} vs "
-                       f"student {s_flat[path].shape}")
-    # A real copy: device_put onto an equal sharding would alias the teacher's buffer, and
-    # the student's state is donated to every step while the teacher's must survive it.
-    s_flat[path] = jax.device_put(jnp.copy(t_flat[path]), s_flat[path].sharding)
-    copied.append(path)
-  return traverse_util.unflatten_dict(s_flat, sep="/"), copied
+    if off[0] is not None:
+      skipped.append((path, off[0]))
+    elif path not in t_flat:
+      skipped.append((path, "missing in teacher"))
+    elif path in fresh_in_teacher:
+      skipped.append((path, "missing in teacher checkpoint (initialised fresh on import)"))
+    elif tuple(t_flat[path].shape) != tuple(s_flat[path].shape):
+      skipped.append((path, f"shape {tuple(s_flat[path].shape)} vs "
+                            f"{tuple(t_flat[path].shape)} (student vs teacher)"))
+    else:
+      s_flat[path] = _copy_leaf(t_flat[path], s_flat[path])
+      copied.append(path)
+  return traverse_util.unflatten_dict(s_flat, sep="/"), SeedReport(tuple(copied), tuple(skipped))
+
+
+def seed_report_summary(report: SeedReport) -> str:
+  """One log line: the copied groups, and the fresh paths grouped by reason."""
+  groups = sorted({p.rsplit("/", 2)[0] for p in report.copied})
+  by_reason: dict[str, list[str]] = {}
+  for path, why in report.skipped:
+    by_reason.setdefault(why, []).append(path)
+  fresh = "; ".join(f"{why}: {', '.join(paths)}" for why, paths in sorted(by_reason.items()))
+  return (f"copied {len(report.copied)} tensors from the teacher ({', '.join(groups) or 'none'})"
+          + (f"; kept fresh: {fresh}" if fresh else ""))
+
+
+__all__ = ["PROJECTION_KEY", "Teacher", "TransferPlan", "SeedReport", "open_teacher",
+           "load_teacher", "check_transfer", "init_transfer_params",
+           "init_student_from_teacher", "seed_report_summary"]
