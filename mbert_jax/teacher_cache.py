@@ -112,7 +112,8 @@ def schedule_stages(config) -> list:
   """The run's stages. `teacher_cache` is a reading switch, not a stage setting, so it is
   dropped before the schedule builder (which refuses keys it does not know) sees it."""
   from mbert_jax import schedule as schedule_lib
-  sched = config.schedule.to_dict() if hasattr(config.schedule, "to_dict") else dict(config.schedule)
+  sched = config.schedule
+  sched = sched.to_dict() if hasattr(sched, "to_dict") else dict(sched)
   sched.pop("teacher_cache", None)
   return schedule_lib.build_schedule(sched, int(config.model.num_hidden_layers))
 
@@ -136,18 +137,25 @@ def distillation_stage(stages: Sequence) -> tuple[int, int]:
   return found
 
 
-def cached_steps(config, stages: Sequence | None = None) -> tuple[int, int]:
-  """Global steps [first, end) of the PD stage that this run executes (train.steps may stop it
-  early)."""
-  stages = schedule_stages(config) if stages is None else stages
+def _pd_steps(config, stages: Sequence) -> tuple[int, int, int]:
+  """(stage index, first, end): global steps of the PD stage that this run executes
+  (train.steps may stop it early, or before it starts: end <= first)."""
   index, first = distillation_stage(stages)
   end = first + stages[index].steps
   limit = int(config.train.get("steps", -1)) if "train" in config else -1
-  if limit != -1:
-    end = min(end, limit)
+  return index, first, end if limit == -1 else min(end, limit)
+
+
+def cached_steps(config, stages: Sequence | None = None) -> tuple[int, int]:
+  """Global steps [first, end) of the PD stage that this run executes (train.steps may stop it
+  early); refused when the run stops before the stage starts."""
+  stages = schedule_stages(config) if stages is None else stages
+  index, first, end = _pd_steps(config, stages)
+  limit = config.train.get("steps", -1)
   if end <= first:
     raise ValueError(f"train.steps = {limit} stops the run before its distillation stage "
-                     f"`{stages[index].name}` (global steps {first}..{first + stages[index].steps})")
+                     f"`{stages[index].name}` (global steps {first}.."
+                     f"{first + stages[index].steps})")
   return first, end
 
 
@@ -358,8 +366,8 @@ def inspect_shard(path: str, key_digest: str, steps_per_shard: int, batch_size: 
                      f"{meta.get('key_digest')} != {key_digest})")
   first, end = int(meta["first_step"]), int(meta["end_step"])
   rows = tuple(meta["rows"])
-  if (int(meta["cell"]) != cell or not cell * steps_per_shard <= first < end <= (cell + 1) * steps_per_shard
-      or rows != slice_rows(batch_size, index, count)):
+  in_cell = cell * steps_per_shard <= first < end <= (cell + 1) * steps_per_shard
+  if int(meta["cell"]) != cell or not in_cell or rows != slice_rows(batch_size, index, count):
     raise ShardError(f"shard {path}: its meta ({meta}) does not match its name and the cache")
   missing = [s for s in range(first, end) if _member(s) not in names]
   if missing:
@@ -369,7 +377,8 @@ def inspect_shard(path: str, key_digest: str, steps_per_shard: int, batch_size: 
 
 def _list_shards(shard_dir: str) -> dict[int, dict[int, list[str]]]:
   """cell -> process count -> shard paths found (any validity)."""
-  out: dict[int, dict[int, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+  out: dict[int, dict[int, list[str]]] = collections.defaultdict(
+      lambda: collections.defaultdict(list))
   if os.path.isdir(shard_dir):
     for name in sorted(os.listdir(shard_dir)):
       match = SHARD_NAME.match(name)
@@ -460,7 +469,8 @@ class TeacherCache:
       records = np.load(io.BytesIO(raw), allow_pickle=False)
     except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError, EOFError) as e:
       raise ShardError(f"corrupt shard {info.path} at step {step} ({type(e).__name__}: {e}); "
-                       f"rerun the writer on {self.directory} to rewrite it") from None
+                       f"rerun the writer with --verify on {self.directory} to rewrite it"
+                       ) from None
     if records.dtype != self.record_dtype or records.shape != (info.rows[1] - info.rows[0],):
       raise ShardError(f"corrupt shard {info.path} at step {step}: records {records.dtype} "
                        f"{records.shape}, expected {self.record_dtype}")
@@ -468,7 +478,7 @@ class TeacherCache:
 
   def _shards_for(self, step: int) -> list[ShardInfo]:
     infos = self._sets.get(step // self.steps_per_shard)
-    if not infos or not infos[0].first_step <= step < infos[0].end_step:
+    if not infos or not all(i.first_step <= step < i.end_step for i in infos):
       raise ValueError(f"teacher cache {self.directory} has no targets for step {step} "
                        "(open it with the steps the run needs, so that this is checked up front)")
     return infos
@@ -533,7 +543,8 @@ def read_header(cache_dir: str) -> dict:
   return header
 
 
-def _refuse_other_key(cache_dir: str, cached: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+def _refuse_other_key(cache_dir: str, cached: Mapping[str, Any],
+                      expected: Mapping[str, Any]) -> None:
   differences = key_differences(cached, expected)
   if differences:
     raise ValueError(f"teacher cache {cache_dir!r} was built for other data or another teacher: "
@@ -573,7 +584,8 @@ def open_cache(cache_dir: str, expected_key: Mapping[str, Any],
     else:
       sets[cell] = infos
   if problems:
-    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    shown = "; ".join(problems[:3]) + more
     raise ShardError(f"teacher cache {cache_dir!r} cannot serve this run: {shown}. Rerun the "
                      f"writer (python -m mbert_jax.teacher_cache --config=<the run's config> "
                      f"--workdir={cache_dir}) to write what is missing.")
@@ -586,8 +598,11 @@ def open_for_run(config, pipeline, teacher_step: int | None = None) -> TeacherCa
   directory = cache_dir_of(config)
   if not directory:
     return None
+  _, first, end = _pd_steps(config, schedule_stages(config))
+  if end <= first:  # this run stops before its PD stage: nothing to read
+    return None
   step = resolve_teacher_step(config.teacher) if teacher_step is None else int(teacher_step)
-  return open_cache(directory, identity_key(config, step, pipeline), steps=cached_steps(config))
+  return open_cache(directory, identity_key(config, step, pipeline), steps=(first, end))
 
 
 # ============================================================================ writer
@@ -678,6 +693,7 @@ class ShardWriter:
 
   def abort(self) -> None:
     self._zip.close()
+    os.remove(self._tmp)
 
 
 def _own_slice_covers(shard_dir: str, cell: int, first: int, end: int, header: dict,

@@ -138,7 +138,8 @@ def test_targets_equal_a_direct_teacher_forward(written, data_cache, teacher_dir
       top = np.take_along_axis(logits, order, -1)
       np.testing.assert_allclose(got["teacher_topk_values"], top - top[..., :1], atol=2e-3)
       # The stored entries are the teacher's log-probabilities, up to float16 rounding.
-      stored = got["teacher_topk_values"].astype(np.float64) - got["teacher_log_normalizer"][..., None]
+      stored = (got["teacher_topk_values"].astype(np.float64)
+                - got["teacher_log_normalizer"][..., None])
       np.testing.assert_allclose(stored, np.take_along_axis(log_softmax(logits), order, -1),
                                  atol=2e-3)
       # Any split into process slices gives the same rows.
@@ -219,6 +220,24 @@ def test_corrupt_shard_is_named_at_read_and_verify_rewrites_it(written, data_cac
   assert report["cells_written"] == 1 and read_bytes(path) == original
 
 
+def test_open_for_run_is_what_the_loop_calls(written, data_cache, teacher_dir):
+  c = run_config(data_cache, teacher_dir)
+  pipe = build_pipeline(c.data, None)
+  assert tc.open_for_run(c, pipe) is None  # schedule.teacher_cache unset: teacher online
+  c.schedule.teacher_cache = written[0]
+  with tc.open_for_run(c, pipe) as cache:
+    got = cache.targets_at(4, batch=pipe.batch_at(4))
+    assert {name: v.shape for name, v in got.items()} == {
+        "teacher_topk_values": (8, 5, K), "teacher_topk_indices": (8, 5, K),
+        "teacher_log_normalizer": (8, 5)}
+  c.train.steps = PD_STEPS[0]  # stops where the PD stage would start: nothing to read
+  assert tc.open_for_run(c, pipe) is None
+  c.train.steps = -1
+  c.data.seed = 7
+  with pytest.raises(ValueError, match="data.seed: cache 12345, this run 7"):
+    tc.open_for_run(c, build_pipeline(c.data, None))
+
+
 # ----------------------------------------------------------------------------------------------
 # identity
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +288,8 @@ def test_missing_or_foreign_directories(tmp_path, written, data_cache, teacher_d
     tc.open_cache(missing, key)
   with pytest.raises(ValueError, match="is not a teacher cache"):
     tc.open_cache(str(tmp_path), key)
-  with pytest.raises(tc.ShardError, match=r"missing shard .*c0000005\.p0of1\.zip \(steps 10\.\.11\)"):
+  with pytest.raises(tc.ShardError,
+                     match=r"missing shard .*c0000005\.p0of1\.zip \(steps 10\.\.11\)"):
     tc.open_cache(written[0], key, steps=(4, 11))
 
 
