@@ -15,7 +15,6 @@ so a student can name the teacher run before it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -64,29 +63,20 @@ def _substitute(cfg, workdir: str):
   return cfg
 
 
-def run_one(config, workdir: str) -> dict:
-  """A config with a `finetune` section fine-tunes on GLUE/SQuAD; any other one pretrains."""
-  if "finetune" in config:
-    from mbert_jax.finetune import trainer
-    return trainer.finetune_and_evaluate(config, workdir)
-  from mbert_jax import train
-  return train.train_and_evaluate(config, workdir)
-
-
 def run_pipeline(config, workdir: str) -> dict:
   from mbert_jax import train
+  from mbert_jax.workdir import read_report
   reports = {}
   for name in config.runs.order:
     sub = _substitute(config.runs[name].copy_and_resolve_references(), os.path.abspath(workdir))
     sub_dir = os.path.join(workdir, name)
-    done = os.path.join(sub_dir, train.DONE_FILE)
-    if os.path.exists(done):
-      with open(done) as f:
-        reports[name] = json.load(f)
+    done = read_report(sub_dir)
+    if done is not None:
+      reports[name] = done
       print(f"[{name}] already finished in {sub_dir}; skipping", flush=True)
       continue
     print(f"[{name}] running in {sub_dir}", flush=True)
-    reports[name] = run_one(sub, sub_dir)
+    reports[name] = train.run_config(sub, sub_dir)
     if reports[name]["status"] != "completed":
       return reports
   return reports
@@ -125,22 +115,22 @@ def main(argv):
   config = FLAGS.config
   workdir = FLAGS.workdir
   maybe_initialize_distributed(config.get("distributed", {}))
-  from mbert_jax import train
-  try:
+  from mbert_jax import cli, train
+
+  def run_all() -> dict:
     if "runs" in config:
-      reports = run_pipeline(config, workdir)
-    else:
-      reports = {os.path.basename(os.path.normpath(workdir)): run_one(config, workdir)}
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-  except train.NonFiniteError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(3)
+      return run_pipeline(config, workdir)
+    return {os.path.basename(os.path.normpath(workdir)): train.run_config(config, workdir)}
+
+  reports = cli.guarded(run_all)
   import jax
   if jax.process_index() == 0:
     print_report(reports, workdir)
 
 
 if __name__ == "__main__":
+  from mbert_jax import cli
+  from mbert_jax.config_files import check_overrides
+  # absl parses the overrides before main runs; a mistyped field would end in its traceback.
+  cli.guarded(check_overrides, sys.argv[1:])
   app.run(main)

@@ -45,11 +45,12 @@ def scratch_stage(steps: int = 1000, lr: float = 1e-3):
 
 def compiled_step(s_cfg, stage, mesh, batch, *, teacher_cfg=None, teacher_params=None,
                   optimizer: str = "lamb", seed: int = 0):
-  """(compiled step, initial state) for `stage`, sharded over `mesh` by the default rules."""
-  from mbert_jax import optim, schedule, sharding, train
+  """(compiled step, initial state) for `stage`, sharded over `mesh` by the default rules:
+  the training loop's own step (mbert_jax.train.make_train_step) on the pretraining task's loss."""
+  from mbert_jax import optim, pretrain, schedule, sharding, train
   from mbert_jax.models import build
   rules = sharding.DEFAULT_RULES
-  params, p_sh = train.init_params(s_cfg, seed, mesh, rules)
+  params, p_sh = sharding.init_params(s_cfg, seed, mesh, rules)
   abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
   o = optim.default_optimizer_config()
   o.name, o.schedule, o.warmup_steps = optimizer, "constant", 0
@@ -57,18 +58,21 @@ def compiled_step(s_cfg, stage, mesh, batch, *, teacher_cfg=None, teacher_params
                              lr_schedule=stage.learning_rate)
   st_sh = train.state_shardings(p_sh, tx, abs_params, mesh)
   zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-  state = {"step": zero(), "params": params,
-           "opt_state": jax.jit(tx.init, out_shardings=st_sh["opt_state"])(params),
-           "nonfinite": zero(), "skipped": zero()}
+  state = train.TrainState(step=zero(), params=params,
+                           opt_state=jax.jit(tx.init, out_shardings=st_sh.opt_state)(params),
+                           nonfinite=zero(), skipped=zero())
   teacher = build(teacher_cfg) if teacher_cfg is not None else None
-  ctx = train.StepContext(build(s_cfg), teacher, stage, tx, {
+  t_layers = teacher_cfg.num_hidden_layers if teacher_cfg else None
+  ctx = pretrain.LossContext(build(s_cfg), teacher, stage, {
       "num_student_layers": s_cfg.num_hidden_layers,
-      "num_teacher_layers": teacher_cfg.num_hidden_layers if teacher_cfg else s_cfg.num_hidden_layers},
-      seed, False, 1, s_cfg.num_hidden_layers,
-      teacher_cfg.num_hidden_layers if teacher_cfg else None)
+      "num_teacher_layers": t_layers or s_cfg.num_hidden_layers},
+      False, s_cfg.num_hidden_layers, t_layers)
+  plan = train.StagePlan(name=stage.name, steps=stage.steps, tx=tx,
+                         loss=lambda p, aux, b, r: pretrain.compute_loss(ctx, p, aux, b, r),
+                         learning_rate=lambda step: float(stage.learning_rate(step)))
   b_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
   t_sh = jax.tree.map(lambda a: a.sharding, teacher_params) if teacher_params is not None else None
-  fn = jax.jit(train.make_train_step(ctx), in_shardings=(st_sh, t_sh, b_sh),
+  fn = jax.jit(train.make_train_step(plan, seed, 1), in_shardings=(st_sh, t_sh, b_sh),
                out_shardings=(st_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   gbatch = {k: jax.device_put(v, b_sh[k]) for k, v in batch.items()}
   return fn, state, gbatch, st_sh

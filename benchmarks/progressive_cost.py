@@ -35,7 +35,7 @@ s_cfg = preset(args.student, max_position_embeddings=max(args.seq, 512))
 t_cfg = preset(args.teacher)
 L = s_cfg.num_hidden_layers
 mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-t_params, _ = train.init_params(t_cfg, 1, mesh, sharding.DEFAULT_RULES)
+t_params, _ = sharding.init_params(t_cfg, 1, mesh, sharding.DEFAULT_RULES)
 batch = synthetic_batch(s_cfg.vocab_size, args.batch, args.seq, 10)
 sc = schedule.default_schedule_config()
 sc.name = "pkt"

@@ -10,11 +10,8 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, smoke=False)
   c = common.base_config()
   c.model = common.model_section("bert_base")
-  c.train.steps = 1_000_000
-  c.train.learning_rate = 1e-4
+  common.pretraining_schedule(c, steps=1_000_000, learning_rate=1e-4, warmup_steps=10_000)
   c.train.optimizer = "adamw"
-  c.train.warmup_steps = 10_000
-  common.pretraining_schedule(c)
   c.data.source = "wikimedia/wikipedia:20231101.en"
   c.data.vocab = "train:30522"
   c.data.batch_size = 256

@@ -38,13 +38,13 @@ def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def train_section() -> ml_collections.ConfigDict:
+  """How a pretraining or distillation run trains. The learning rate belongs to the schedule
+  (`schedule.learning_rate`, `schedule.warmup_steps`, ...); pretraining configs add
+  `train.learning_rate`, `train.warmup_steps` and `train.end_factor` and the one stage follows
+  them (`pretraining_schedule`)."""
   t = ml_collections.ConfigDict()
-  t.steps = 1000              # total steps of the run; -1 = the schedule's total
+  t.steps = -1                # the step to stop at; -1 = the schedule's end
   t.optimizer = "lamb"        # lamb (TF1, no bias correction) | adamw | adamw_tf1 | adam
-  t.learning_rate = 1e-3
-  t.warmup_steps = 100
-  t.lr_schedule = "linear"    # TF1: linear decay measured from step 0 to end_factor x lr
-  t.end_factor = 0.0
   t.weight_decay = 0.01
   t.clip_norm = 1.0
   t.b1 = 0.9
@@ -125,13 +125,24 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def pretraining_schedule(c: ml_collections.ConfigDict) -> None:
-  """One MLM + NSP stage whose length and LR follow `train.*` (teacher/baseline pretraining)."""
+def pretraining_schedule(c: ml_collections.ConfigDict, steps: int, learning_rate: float,
+                         warmup_steps: int, end_factor: float = 0.0) -> None:
+  """One MLM + NSP stage of `train.steps` steps whose learning rate follows `train.*`
+  (teacher / baseline pretraining): TF1's linear warm-up then linear decay to
+  end_factor x learning_rate. Distillation configs have no train.learning_rate: their stages
+  take it from `schedule.*`. The teacher and kt sections are dropped: nothing reads them here."""
+  c.train.steps = steps
+  c.train.learning_rate = learning_rate
+  c.train.warmup_steps = warmup_steps
+  c.train.end_factor = end_factor
   c.schedule.name = "scratch"
   c.schedule.distill_steps = c.train.get_ref("steps")
   c.schedule.learning_rate = c.train.get_ref("learning_rate")
   c.schedule.warmup_steps = c.train.get_ref("warmup_steps")
   c.schedule.end_factor = c.train.get_ref("end_factor")
+  for unread in ("teacher", "kt"):
+    if unread in c:
+      del c[unread]
 
 
 def smoke(c: ml_collections.ConfigDict, model: str) -> None:

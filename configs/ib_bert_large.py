@@ -15,16 +15,12 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, smoke=False, bf16=False)
   c = common.base_config()
   c.model = common.model_section("ib_bert_large")
-  c.train.steps = 500_000
-  c.train.learning_rate = 1.5e-3
-  c.train.warmup_steps = 10_000
-  c.train.end_factor = 0.0
+  common.pretraining_schedule(c, steps=500_000, learning_rate=1.5e-3, warmup_steps=10_000)
   c.train.optimizer = "lamb"
   c.train.log_every = 100
   c.train.eval_every = 10_000
   c.train.checkpoint_every = 10_000
   c.train.compute_dtype = "bfloat16" if arg.bf16 else "float32"
-  common.pretraining_schedule(c)
   c.data.source = "wikimedia/wikipedia:20231101.en"
   c.data.vocab = "train:30522"
   c.data.max_seq_length = 512

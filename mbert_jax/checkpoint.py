@@ -28,7 +28,10 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True),
-        item_names=("state", "meta"),
+        # Handlers named up front, so a fresh manager can read a step's metadata before any
+        # restore (the layout check below).
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
     )
 
   def all_steps(self) -> list[int]:
@@ -54,23 +57,46 @@ class Checkpointer:
     _check_same_structure(abstract_state, state, step)
     return state, out["meta"]
 
+  def stored_shapes(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Path -> (shape, dtype) of the `state` item as written, read from its metadata only."""
+    tree = self.manager.item_metadata(step)["state"]
+    if tree is None:
+      raise ValueError(f"checkpoint {step} has no readable `state` metadata")
+    tree = getattr(tree, "tree", tree)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {_path_name(p): (tuple(m.shape), str(m.dtype)) for p, m in flat}
+
   def restore_latest_good(self, abstract_state_for_meta) -> tuple[int, Any, dict[str, Any]] | None:
     """Newest checkpoint that restores; `abstract_state_for_meta(meta)` gives its target tree.
 
-    Returns None when there is no usable checkpoint at all.
+    Returns None when there is no usable checkpoint at all. A checkpoint that cannot be read
+    is moved aside (kept) and the previous one tried; one that reads fine but holds other
+    shapes than the target belongs to another configuration and raises
+    `WorkdirMismatchError` without moving anything.
     """
     for step in reversed(self.all_steps()):
       try:
         meta = self.read_meta(step)
-        state, meta = self.restore(step, abstract_state_for_meta(meta))
-        return step, state, meta
+        stored = self.stored_shapes(step)
       except Exception as e:  # a damaged checkpoint can fail in many layers of orbax/tensorstore
-        moved = self._quarantine(step)
-        warnings.warn(f"checkpoint at step {step} in {self.directory} cannot be restored "
-                      f"({type(e).__name__}: {str(e)[:300]}); moved it to {moved} and trying "
-                      "the previous one")
-        logging.warning("skipping unreadable checkpoint %d: %s", step, e)
+        self._skip_damaged(step, e)
+        continue
+      # Outside the try: a failure to build the target is ours, not the checkpoint's.
+      target = abstract_state_for_meta(meta)
+      _check_same_layout(target, stored, step, self.directory)
+      try:
+        state, meta = self.restore(step, target)
+        return step, state, meta
+      except Exception as e:  # see above: the data files themselves are damaged
+        self._skip_damaged(step, e)
     return None
+
+  def _skip_damaged(self, step: int, e: Exception) -> None:
+    moved = self._quarantine(step)
+    warnings.warn(f"checkpoint at step {step} in {self.directory} cannot be restored "
+                  f"({type(e).__name__}: {str(e)[:300]}); moved it to {moved} and trying "
+                  "the previous one")
+    logging.warning("skipping unreadable checkpoint %d: %s", step, e)
 
   def _quarantine(self, step: int) -> str:
     """Moves a damaged step aside (kept for inspection) so the run can write that step again."""
@@ -89,6 +115,33 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _path_name(path) -> str:
+  # Stored metadata names NamedTuple fields as dict keys; the live tree as attributes.
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _check_same_layout(target: Any, stored: dict[str, tuple[tuple[int, ...], str]], step: int,
+                       directory: str) -> None:
+  from mbert_jax.errors import WorkdirMismatchError
+  flat, _ = jax.tree_util.tree_flatten_with_path(target)
+  want = {_path_name(p): (tuple(a.shape), str(a.dtype)) for p, a in flat}
+  diffs = [f"{k}: stored {stored.get(k, ('absent',))[0]}, expected {want.get(k, ('absent',))[0]}"
+           for k in sorted(set(want) | set(stored)) if want.get(k) != stored.get(k)]
+  if diffs:
+    raise WorkdirMismatchError(
+        f"checkpoint {step} in {directory} was written by another model or optimizer "
+        f"({'; '.join(diffs[:5])}{'; ...' if len(diffs) > 5 else ''}). Nothing was moved. Use a "
+        "new --workdir, or delete the workdir to start fresh.")
 
 
 def _check_same_structure(expected: Any, got: Any, step: int) -> None:

@@ -137,13 +137,39 @@ class Progress:
       self.bar.close()
 
 
-class Timer:
-  """Wall time between log points, counted in steps and examples."""
+class ThroughputWindow:
+  """Steps and wall time between log points (started after the stage's step has compiled)."""
 
   def __init__(self):
     self.t = time.perf_counter()
+    self.steps = 0
 
-  def lap(self) -> float:
+  def count(self, steps: int) -> None:
+    self.steps += steps
+
+  def rates(self, global_batch: int, flops_per_example: float | None, dtype: str) -> dict[str, float]:
+    """Steps/s, examples/s and MFU since the last call (none while only compiling)."""
     now = time.perf_counter()
-    dt, self.t = now - self.t, now
-    return dt
+    dt, steps = now - self.t, self.steps
+    self.t, self.steps = now, 0
+    if steps == 0 or dt <= 0:
+      return {}
+    out = {"steps_per_second": steps / dt, "examples_per_second": steps * global_batch / dt}
+    if flops_per_example:
+      m = mfu(flops_per_example * global_batch * steps, dt, dtype)
+      if m is not None:
+        out["mfu"] = m
+    return out
+
+
+def warn_if_no_mfu(dtype: str, say) -> None:
+  kind = jax.devices()[0].device_kind
+  if say is not None and peak_flops(kind, dtype) is None:
+    say(f"MFU not reported: no peak FLOP/s known for device kind {kind!r} "
+        "(add it to mbert_jax.metrics.PEAK_FLOPS)")
+
+
+def json_safe(scalars: Mapping[str, float]) -> dict[str, Any]:
+  """Non-finite floats as strings: JSON has no NaN or infinity."""
+  return {k: v if not isinstance(v, float) or math.isfinite(v) else str(v)
+          for k, v in scalars.items()}

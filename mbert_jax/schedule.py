@@ -117,17 +117,11 @@ class LRSchedule:
       raise ValueError(f"power must be > 0, got {self.power!r}")
 
   def __call__(self, step: Any, total_steps: int) -> jax.Array:
-    t = jnp.asarray(step, jnp.float32)
-    if self.kind == "constant":
-      after_warmup = jnp.asarray(self.base_lr, jnp.float32)
-    else:
-      power = 1.0 if self.kind == "linear" else self.power
-      remaining = 1.0 - jnp.minimum(t, total_steps) / total_steps
-      after_warmup = self.base_lr * ((1.0 - self.end_factor) * remaining ** power
-                                     + self.end_factor)
-    if self.warmup_steps == 0:
-      return after_warmup
-    return jnp.where(t < self.warmup_steps, self.base_lr * t / self.warmup_steps, after_warmup)
+    # One implementation of every schedule: the optimizer module's (optax-based).
+    from mbert_jax.optim import make_lr_schedule
+    power = self.power if self.kind == "polynomial" else 1.0
+    return make_lr_schedule(self.kind, self.base_lr, total_steps, self.warmup_steps,
+                            self.end_factor, power)(step)
 
 
 def phase_ramp(step: Any, period: int) -> jax.Array:

@@ -1,10 +1,16 @@
-"""The training loop: teacher pretraining and every knowledge-transfer schedule.
+"""The one training loop: teacher pretraining, every knowledge-transfer schedule and GLUE/SQuAD
+fine-tuning run through `run(task, workdir)`.
 
-Reads top to bottom: config -> data -> models (student, teacher) -> schedule -> sharded state
-(restored or initialised) -> per stage: optimizer, compiled step -> loop (log, evaluate,
-checkpoint, preemption) -> report. Pretraining is the one-stage `scratch` schedule, so one loop
-serves both. Everything that decides numbers is a pure function of (config, step), which is
-what makes a resumed run equal an uninterrupted one bit for bit on CPU.
+Reads top to bottom: the task prepares its data and models (every input error surfaces here,
+before anything is written or compiled) -> the workdir is claimed (a run of another
+configuration is refused) -> mesh, sharded state (restored or initialised) -> per stage: the
+task's optimizer and loss, one compiled step -> loop (non-finite guard, log, evaluate,
+checkpoint, preemption) -> final evaluation and report.
+
+What differs between objectives lives in a `Task` (mbert_jax/pretrain.py for pretraining and
+distillation, mbert_jax/finetune/trainer.py for fine-tuning). Everything that decides numbers
+is a pure function of (config, step), which is what makes a resumed run equal an uninterrupted
+one bit for bit on CPU.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,99 +30,53 @@ import numpy as np
 import optax
 
 from mbert_jax import checkpoint as ckpt_lib
-from mbert_jax import losses
 from mbert_jax import metrics as metrics_lib
 from mbert_jax import optim
-from mbert_jax import schedule as schedule_lib
 from mbert_jax import sharding
-from mbert_jax.models import ModelConfig, build
-from mbert_jax.models import summary as model_summary
+from mbert_jax import workdir as workdir_lib
 from mbert_jax.errors import NonFiniteError
-from mbert_jax.sharding import abstract_params, init_params
-from mbert_jax.teacher import init_student_from_teacher, load_teacher
-from mbert_jax.workdir import DONE_FILE, is_mbert_workdir, write_json
+from mbert_jax.workdir import DONE_FILE  # re-exported: callers check a run's end by it
 
-TERMS_NEEDING_HEADS = ("mlm", "kd")
-
-
-# ============================================================================ config
-
-def model_config_from(section, vocab_size: int, compute_dtype: str, max_seq_length: int) -> ModelConfig:
-  d = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-  if d.get("vocab_size", -1) in (-1, None):
-    d["vocab_size"] = vocab_size
-  elif d["vocab_size"] != vocab_size:
-    raise ValueError(f"model.vocab_size = {d['vocab_size']} but the tokenizer has {vocab_size} "
-                     "tokens; set model.vocab_size=-1 to follow the tokenizer")
-  d["compute_dtype"] = compute_dtype
-  return ModelConfig.from_dict(d).validate(max_seq_length=max_seq_length)
-
-
-def optimizer_config(train_cfg) -> ml_collections.ConfigDict:
-  o = optim.default_optimizer_config()
-  o.name = train_cfg.optimizer
-  o.learning_rate = float(train_cfg.learning_rate)
-  o.b1, o.b2, o.eps = train_cfg.b1, train_cfg.b2, train_cfg.eps
-  o.weight_decay = float(train_cfg.weight_decay)
-  o.clip_norm = train_cfg.clip_norm
-  o.grad_accum_steps = train_cfg.grad_accum_steps
-  o.warmup_steps = 0  # stages carry their own LR schedules
-  o.schedule = "constant"
-  return optim.validate_optimizer_config(o)
-
-
-def validate_config(config) -> None:
-  """Checks that need no data and no compile; raises ValueError naming the field."""
-  for section in ("model", "data", "train", "mesh", "schedule"):
-    if section not in config:
-      raise ValueError(f"config has no `{section}` section")
-  t = config.train
-  if t.steps == 0 or t.steps < -1:
-    raise ValueError(f"train.steps = {t.steps}: a positive number of steps, or -1 for the schedule's total")
-  for f in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
-    if int(t[f]) < 1:
-      raise ValueError(f"train.{f} = {t[f]} must be >= 1")
-  if t.compute_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"train.compute_dtype = {t.compute_dtype!r}: float32 or bfloat16")
-  if config.get("teacher") and config.teacher.compute_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"teacher.compute_dtype = {config.teacher.compute_dtype!r}: float32 or bfloat16")
-  optimizer_config(t)
-  from mbert_jax.data.config import validate_data_config
-  validate_data_config(config.data)
-  model = dict(config.model.to_dict())
-  if model.get("vocab_size", -1) == -1:
-    model["vocab_size"] = 1  # placeholder until the tokenizer is known
-  ModelConfig.from_dict({**model, "compute_dtype": t.compute_dtype}).validate(
-      max_seq_length=config.data.max_seq_length)
-  stages = schedule_lib.build_schedule(config.schedule, config.model.num_hidden_layers)
-  if any(s.needs_teacher for s in stages):
-    path = config.teacher.checkpoint
-    if not path:
-      raise ValueError(f"schedule `{config.schedule.name}` needs a teacher: set teacher.checkpoint "
-                       "to an mbert-jax workdir or a Hugging Face directory")
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"teacher.checkpoint = {path!r} is not a directory")
-  sharding.mesh_shape(config.mesh, jax.device_count())
+__all__ = ["TrainState", "StagePlan", "Task", "run", "run_config", "train_and_evaluate",
+           "guarded_update", "NonFiniteError", "DONE_FILE"]
 
 
 # ============================================================================ state
 
-def state_shardings(params_shardings, tx, abstract_params_tree, mesh):
+@flax.struct.dataclass
+class TrainState:
+  """What a checkpoint holds: the step, params, optimizer state and the non-finite counters
+  (consecutive skipped steps, total skipped steps)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  nonfinite: jax.Array
+  skipped: jax.Array
+
+  def as_dict(self) -> dict[str, Any]:
+    # Checkpoints store a plain dict, so their layout does not depend on this class.
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "TrainState":
+    return cls(**d)
+
+
+def state_shardings(param_shardings, tx, abstract_params, mesh) -> TrainState:
   """Shardings of the whole train state; optimizer moments follow their parameters."""
   rep = sharding.replicated(mesh)
-  opt_sh = sharding.follow_params(jax.eval_shape(tx.init, abstract_params_tree), params_shardings,
-                                  abstract_params_tree, mesh)
-  return {"step": rep, "params": params_shardings, "opt_state": opt_sh, "nonfinite": rep,
-          "skipped": rep}
+  opt = sharding.follow_params(jax.eval_shape(tx.init, abstract_params), param_shardings,
+                               abstract_params, mesh)
+  return TrainState(step=rep, params=param_shardings, opt_state=opt, nonfinite=rep, skipped=rep)
 
 
-def abstract_state(shardings_tree, abstract_params_tree, tx):
-  opt = jax.eval_shape(tx.init, abstract_params_tree)
-  shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params_tree,
-            "opt_state": opt, "nonfinite": jax.ShapeDtypeStruct((), jnp.int32),
-            "skipped": jax.ShapeDtypeStruct((), jnp.int32)}
+def abstract_state(shardings: TrainState, abstract_params, tx) -> TrainState:
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  shapes = TrainState(step=scalar, params=abstract_params,
+                      opt_state=jax.eval_shape(tx.init, abstract_params), nonfinite=scalar,
+                      skipped=scalar)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      shapes, shardings_tree)
+                      shapes, shardings)
 
 
 def fresh_opt_state(tx, params, opt_shardings, previous=None, reset: bool = True):
@@ -129,163 +90,78 @@ def fresh_opt_state(tx, params, opt_shardings, previous=None, reset: bool = True
   return jax.tree_util.tree_map_with_path(keep_moments, state, previous)
 
 
-# ============================================================================ step
-
-@dataclasses.dataclass(frozen=True)
-class StepContext:
-  """Everything static a compiled step closes over."""
-  model: Any
-  teacher: Any | None
-  stage: schedule_lib.Stage
-  tx: optax.GradientTransformation
-  kt: dict
-  seed: int
-  dropout: bool
-  grad_accum: int
-  num_student_layers: int
-  num_teacher_layers: int | None
-
-
-def stage_uses_heads(stage) -> bool:
-  return any(stage.weight(t) > 0 for t in TERMS_NEEDING_HEADS)
-
-
-def compute_loss(ctx: StepContext, params, teacher_params, batch, rng):
-  """Stage loss (weighted, divided) and every term for logging."""
-  stage = ctx.stage
-  heads = stage_uses_heads(stage)
-  positions = batch["masked_lm_positions"]
-  student = ctx.model.apply(
-      {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-      masked_positions=positions, deterministic=not ctx.dropout, num_layers=stage.num_layers,
-      heads=heads, rngs={"dropout": rng} if ctx.dropout else None)
-  teacher = None
-  if stage.needs_teacher:
-    t_layers = stage.teacher_num_layers(ctx.num_student_layers, ctx.num_teacher_layers)
-    teacher = ctx.teacher.apply(
-        {"params": teacher_params}, batch["input_ids"], batch["token_type_ids"],
-        batch["attention_mask"], masked_positions=positions, deterministic=True,
-        num_layers=t_layers, heads=stage.weight("kd") > 0)
-    teacher = jax.lax.stop_gradient(teacher)
-
-  terms: dict[str, jax.Array] = {}
-  total = jnp.zeros((), jnp.float32)
-  if stage.transfer_layers:
-    per_layer = losses.transfer_losses(student, teacher, batch["attention_mask"], ctx.kt,
-                                       stage.transfer_layers)
-    for term, values in per_layer.items():
-      w = stage.weight(term)
-      terms[f"{term}_loss"] = jnp.sum(values)
-      for layer, v in zip(stage.transfer_layers, values):
-        terms[f"{term}_loss/layer_{layer:02d}"] = v
-      if w > 0:
-        total = total + w * jnp.sum(values)
-  if heads:
-    labels, weights = batch["masked_lm_ids"], batch["masked_lm_weights"]
-    mlm, mlm_acc = losses.mlm_loss(student.mlm_logits, labels, weights)
-    terms["mlm_loss"], terms["mlm_accuracy"] = mlm, mlm_acc
-    total = total + stage.weight("mlm") * mlm
-    if stage.weight("kd") > 0:
-      _, parts = losses.distillation_mlm_loss(
-          student.mlm_logits, teacher.mlm_logits, labels, weights, alpha=0.0,
-          temperature=stage.temperature)
-      kd = parts["kd_ce"] if "kd_ce" in parts else parts["kd"]
-      terms["kd_loss"] = kd
-      if "agreement" in parts:
-        terms["teacher_agreement"] = parts["agreement"]
-      total = total + stage.weight("kd") * kd
-  nsp, nsp_acc = losses.nsp_loss(student.nsp_logits, batch["next_sentence_labels"])
-  terms["nsp_loss"], terms["nsp_accuracy"] = nsp, nsp_acc
-  if stage.weight("nsp") > 0:
-    total = total + stage.weight("nsp") * nsp
-  total = total / stage.loss_divisor
-  terms["loss"] = total
-  return total, terms
-
-
-def guarded_update(state, tx, loss, grads):
+def guarded_update(state: TrainState, tx, loss, grads) -> tuple[TrainState, jax.Array, jax.Array]:
   """One optimizer update, skipped (and counted) when the loss, the gradient or the updated
   parameters are not finite, so no checkpoint can ever hold a non-finite parameter.
 
-  Returns (new state, gradient norm, finite flag). `state` holds step, params, opt_state,
-  nonfinite (consecutive skips) and skipped (total skips).
+  Returns (new state, gradient norm, finite flag).
   """
   grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = {
-      "step": state["step"] + 1,
-      "params": keep(params, state["params"]),
-      "opt_state": keep(opt_state, state["opt_state"]),
-      "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32),
-      "skipped": (state["skipped"] + (~finite).astype(jnp.int32)).astype(jnp.int32),
-  }
-  return new_state, grad_norm, finite
+  return TrainState(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
+      skipped=(state.skipped + (~finite).astype(jnp.int32)).astype(jnp.int32),
+  ), grad_norm, finite
 
 
-def make_train_step(ctx: StepContext) -> Callable:
-  def grad_fn(params, teacher_params, batch, rng):
-    return jax.value_and_grad(compute_loss, argnums=1, has_aux=True)(
-        ctx, params, teacher_params, batch, rng)
+# ============================================================================ the task interface
 
-  def step(state, teacher_params, batch):
-    rng = jax.random.fold_in(jax.random.key(ctx.seed), state["step"])
-    (loss, terms), grads = optim.accumulate_gradients(
-        lambda p, mb, r: grad_fn(p, teacher_params, mb, r), state["params"], batch,
-        ctx.grad_accum, rng=rng)
-    new_state, grad_norm, finite = guarded_update(state, ctx.tx, loss, grads)
-    out = dict(terms)
-    out.update(grad_norm=grad_norm, param_norm=optax.tree.norm(state["params"]),
-               finite=finite.astype(jnp.float32))
-    return new_state, out
-
-  return step
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
-def make_eval_step(model, teacher) -> Callable:
-  """Sums over one held-out batch: student (and teacher) MLM/NSP, top-1 agreement."""
-  def run(m, params, batch):
-    return m.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
-                   batch["attention_mask"], masked_positions=batch["masked_lm_positions"],
-                   deterministic=True)
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+  """One stage as the loop sees it: its steps, its optimizer and its loss.
 
-  def step(params, teacher_params, batch):
-    w = batch["masked_lm_weights"].astype(jnp.float32)
-    labels = batch["masked_lm_ids"]
-    out = run(model, params, batch)
-    pred = jnp.argmax(out.mlm_logits, -1)
-    logp = jax.nn.log_softmax(out.mlm_logits, -1)
-    nll = -jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
-    nsp_pred = jnp.argmax(out.nsp_logits, -1)
-    sums = {"weight": jnp.sum(w), "mlm_nll": jnp.sum(w * nll),
-            "mlm_correct": jnp.sum(w * (pred == labels)),
-            "nsp_correct": jnp.sum(nsp_pred == batch["next_sentence_labels"]).astype(jnp.float32),
-            "examples": jnp.asarray(labels.shape[0], jnp.float32)}
-    if teacher is not None:
-      t_out = run(teacher, teacher_params, batch)
-      t_pred = jnp.argmax(t_out.mlm_logits, -1)
-      sums["teacher_mlm_correct"] = jnp.sum(w * (t_pred == labels))
-      sums["agreement"] = jnp.sum(w * (t_pred == pred))
-    return sums
-
-  return step
+  `loss(params, aux, batch, rng) -> (loss, terms)` is traced inside the compiled step; `aux`
+  is whatever the stage needs besides the params (the teacher's params), passed as an argument
+  so it is sharded, not baked into the program. `learning_rate(step_in_stage)` is logged.
+  """
+  name: str
+  steps: int
+  tx: optax.GradientTransformation
+  loss: LossFn
+  learning_rate: Callable[[int], float]
+  reset_optimizer: bool = True
+  aux: Any = None
+  flops_per_example: float | None = None
+  banner: str = ""
 
 
-def summarise_eval(sums: dict[str, float]) -> dict[str, float]:
-  w = max(sums["weight"], 1e-9)
-  out = {"eval/mlm_loss": sums["mlm_nll"] / w, "eval/mlm_accuracy": sums["mlm_correct"] / w,
-         "eval/nsp_accuracy": sums["nsp_correct"] / max(sums["examples"], 1)}
-  if "teacher_mlm_correct" in sums:
-    out["eval/teacher_mlm_accuracy"] = sums["teacher_mlm_correct"] / w
-    out["eval/teacher_agreement"] = sums["agreement"] / w
-  return out
+class Task(Protocol):
+  """What one objective gives the loop. Built from a config; `prepare` does all I/O and every
+  check that can fail on the user's inputs, before anything is written or compiled."""
+  config: ml_collections.ConfigDict
+
+  def prepare(self, workdir: str) -> None: ...
+  def identity(self) -> dict[str, Any]: ...
+  def files(self) -> dict[str, Any]: ...
+  def save_side_files(self, workdir: str) -> None: ...
+  def total_steps(self) -> int: ...
+  def stop_step(self) -> int: ...
+  def build(self, mesh, rules) -> None: ...
+  def abstract_params(self) -> tuple[Any, Any]: ...
+  def init_params(self) -> Any: ...
+  def stage_index(self, step: int) -> tuple[int, int, int]: ...
+  def stage(self, index: int) -> StagePlan: ...
+  def batch_at(self, step: int) -> dict[str, np.ndarray]: ...
+  def evaluate(self, params, step: int, final: bool) -> dict[str, float]: ...
+  def checkpoint_meta(self, step: int) -> dict[str, Any]: ...
+  def global_batch_size(self) -> int: ...
+  def eval_due(self, step: int) -> bool: ...
+  def report(self) -> dict[str, Any]: ...
+  stop_field: str  # the config field that sets where a run stops
 
 
 # ============================================================================ the run
 
-class _Preemption:
+class Preemption:
   """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
 
   def __init__(self):
@@ -307,6 +183,7 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
   def agreed(self) -> bool:
+    """Every process stops at the same step: one SIGTERM anywhere stops them all."""
     if jax.process_count() == 1:
       return self.requested
     from jax.experimental import multihost_utils
@@ -314,211 +191,195 @@ class _Preemption:
     return bool(np.max(flags))
 
 
-def stage_flops(stage, s_cfg: ModelConfig, t_cfg: ModelConfig | None, seq: int, preds: int) -> float:
-  """Analytic FLOPs per example of one step: 3x the student, plus the teacher's forward."""
-  heads = stage_uses_heads(stage)
-  flops = 3 * model_summary.forward_flops(s_cfg, seq, stage.num_layers, preds, heads=heads)
-  if stage.needs_teacher and t_cfg is not None:
-    t_layers = stage.teacher_num_layers(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
-    flops += model_summary.forward_flops(t_cfg, seq, t_layers, preds, heads=stage.weight("kd") > 0)
-  return float(flops)
+def _check_nonfinite(state: TrainState, step: int, limit: int, ckpt) -> None:
+  bad = int(jax.device_get(state.nonfinite))
+  if bad >= limit:
+    ckpt.wait()
+    raise NonFiniteError(
+        f"{bad} consecutive steps had a non-finite loss or gradient (up to step {step}); the "
+        "updates were skipped and no checkpoint was written after them. Lower the learning "
+        "rate, check the data, or raise train.max_nonfinite_steps.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the configured schedule in `workdir`; returns the final report."""
+def _initial_state(task: Task, mesh) -> TrainState:
+  # Three distinct buffers: the state is donated, and one buffer cannot be donated twice.
+  zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+  return TrainState(step=zero(), params=task.init_params(), opt_state=None, nonfinite=zero(),
+                    skipped=zero())
+
+
+def run(task: Task, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) `task` in `workdir`; returns the final report."""
   t_start = time.time()
-  validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-  tc = config.train
+  tc = task.config.train
   if tc.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", tc.compilation_cache_dir)
+  is_main = jax.process_index() == 0
 
-  # ---- data
-  from mbert_jax.data import build_pipeline
-  pipe = build_pipeline(config.data, workdir, split="train")
-  eval_pipe = build_pipeline(config.data, workdir, split="eval")
-  seq, preds = config.data.max_seq_length, config.data.max_predictions_per_seq
-
-  # ---- models
-  s_cfg = model_config_from(config.model, pipe.vocab_size, tc.compute_dtype, seq)
-  model = build(s_cfg)
-  stages = schedule_lib.build_schedule(config.schedule, s_cfg.num_hidden_layers)
-  needs_teacher = any(s.needs_teacher for s in stages)
-  total = schedule_lib.total_steps(stages)
-  end_step = total if tc.steps == -1 else min(int(tc.steps), total)
-  write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  write_json(os.path.join(workdir, "model_config.json"), s_cfg.to_dict())
+  # ---- the workdir claim, then the inputs: a refused run writes nothing
+  workdir_lib.claim(workdir, task.identity())
+  task.prepare(workdir)
+  for name, content in task.files().items():
+    workdir_lib.write_json(os.path.join(workdir, name), content)
   if is_main:
-    pipe.save_vocab(os.path.join(workdir, "tokenizer"))
+    task.save_side_files(workdir)
 
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config.mesh)
-  sharding.check_batch_divisible(config.data.batch_size, mesh, tc.grad_accum_steps)
-  t_cfg, teacher_params, teacher_model = None, None, None
-  if needs_teacher:
-    t_cfg, teacher_params = load_teacher(config.teacher, mesh, rules)
-    if t_cfg.vocab_size != s_cfg.vocab_size:
-      raise ValueError(f"teacher vocab_size {t_cfg.vocab_size} != student/tokenizer "
-                       f"{s_cfg.vocab_size}: distill with the teacher's vocabulary")
-    teacher_model = build(t_cfg)
-  kt = dict(config.kt.to_dict()) if "kt" in config else {}
-  kt.update(num_student_layers=s_cfg.num_hidden_layers,
-            num_teacher_layers=t_cfg.num_hidden_layers if t_cfg else s_cfg.num_hidden_layers)
+  mesh = sharding.make_mesh(task.config.mesh)
+  rules = sharding.rules_from_config(task.config.mesh)
+  task.build(mesh, rules)
+  abs_params, p_shardings = task.abstract_params()
+  total, stop = task.total_steps(), task.stop_step()
 
   # ---- state: restore or initialise
-  opt_cfg = optimizer_config(tc)
-  _, abs_params, p_shardings = abstract_params(s_cfg, mesh, rules)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR),
+                               keep=int(tc.keep_checkpoints), async_save=bool(tc.async_checkpoint))
 
-  def optimizer_for(stage):
-    mults = schedule_lib.lr_multiplier_tree(stage, abs_params)
-    return optim.build_optimizer(opt_cfg, abs_params, mults, lr_schedule=stage.learning_rate)
-
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
-                               async_save=tc.async_checkpoint)
-
-  def target_for(meta):
-    tx = optimizer_for(stages[int(meta["stage_index"])])
-    sh = state_shardings(p_shardings, tx, abs_params, mesh)
-    return abstract_state(sh, abs_params, tx)
+  def target_for(meta) -> dict:
+    tx = task.stage(int(meta.get("stage_index", 0))).tx
+    return abstract_state(state_shardings(p_shardings, tx, abs_params, mesh), abs_params,
+                          tx).as_dict()
 
   restored = ckpt.restore_latest_good(target_for)
   if restored is not None:
-    start, state, meta = restored
-    logging.info("resumed from step %d (stage %s)", start, meta.get("stage_name"))
+    start, state_dict, meta = restored
+    state = TrainState.from_dict(state_dict)
+    logging.info("resumed %s from step %d", workdir, start)
   else:
-    start = 0
-    params, _ = init_params(s_cfg, tc.seed, mesh, rules)
-    copied = []
-    if needs_teacher:
-      params, copied = init_student_from_teacher(params, teacher_params, s_cfg, t_cfg, config.teacher)
-    # Three distinct buffers: the state is donated, and one buffer cannot be donated twice.
-    zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-    state = {"step": zero(), "params": params, "opt_state": None, "nonfinite": zero(),
-             "skipped": zero()}
-    if copied:
-      logging.info("copied %d tensors from the teacher: %s", len(copied), sorted({c.rsplit('/', 2)[0] for c in copied}))
+    start, state = 0, _initial_state(task, mesh)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  kind = jax.devices()[0].device_kind
-  if metrics_lib.peak_flops(kind, tc.compute_dtype) is None and is_main:
-    print(f"MFU not reported: no peak FLOP/s known for device kind {kind!r} "
-          "(add it to mbert_jax.metrics.PEAK_FLOPS)", flush=True)
-  progress = metrics_lib.Progress(end_step, start, enabled=is_main and tc.progress_bar)
-  eval_fn = jax.jit(make_eval_step(model, teacher_model))
+  progress = metrics_lib.Progress(stop, start, enabled=is_main and bool(tc.progress_bar))
+  metrics_lib.warn_if_no_mfu(tc.compute_dtype, progress.write if is_main else None)
 
-  def evaluate(params, step) -> dict[str, float]:
-    sums: dict[str, float] = {}
-    for i in range(tc.eval_steps):
-      b = sharding.global_batch(eval_pipe.batch_at(i, jax.process_index(), jax.process_count()), mesh)
-      out = jax.device_get(eval_fn(params, teacher_params, b))
-      for k, v in out.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-    result = summarise_eval(sums)
+  def evaluate(params, step: int, final: bool) -> dict[str, float]:
+    result = task.evaluate(params, step, final)
     writer.write(step, result)
+    if result:
+      progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
     return result
 
-  def meta_for(step, stage_index, step_in_stage):
-    return {"step": int(step), "stage_index": int(stage_index),
-            "stage_name": stages[stage_index].name, "step_in_stage": int(step_in_stage),
-            "data_seed": int(config.data.seed), "data_position": int(step),
-            "train_seed": int(tc.seed), "schedule": config.schedule.name}
-
-  # Fixed for the whole run: every stage sees the same batch shapes and the same teacher.
-  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim)
-              for k, v in pipe.batch_at(start, jax.process_index(), jax.process_count()).items()}
-  t_sh = jax.tree.map(lambda a: a.sharding, teacher_params) if teacher_params is not None else None
-  last_eval: dict[str, float] = {}
-  stage_times: dict[str, float] = {}
-  status = "completed"
-  step = start
-  with _Preemption() as preemption:
-    while step < end_step:
-      idx, in_stage = schedule_lib.stage_at(stages, step)
-      stage = stages[idx]
-      stage_start = step - in_stage
-      stage_end = min(end_step, stage_start + stage.steps)
-      tx = optimizer_for(stage)
-      st_sh = state_shardings(p_shardings, tx, abs_params, mesh)
-      # A stage boundary gets a new optimizer (moments reset or carried per the stage); a
+  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in task.batch_at(start).items()}
+  status, step, last_eval, stage_times = "completed", start, {}, {}
+  with Preemption() as preemption:
+    while step < stop:
+      idx, stage_start, in_stage = task.stage_index(step)
+      plan = task.stage(idx)
+      stage_end = min(stop, stage_start + plan.steps)
+      st_sh = state_shardings(p_shardings, plan.tx, abs_params, mesh)
+      # A stage boundary gets a new optimizer (moments reset or carried as the stage says); a
       # checkpoint holds the state of the stage that wrote it, so resuming there does the same.
-      if state["opt_state"] is None or in_stage == 0:
-        state["opt_state"] = fresh_opt_state(tx, state["params"], st_sh["opt_state"],
-                                             previous=state["opt_state"], reset=stage.reset_optimizer)
-      ctx = StepContext(model, teacher_model, stage, tx, kt, int(tc.seed), bool(tc.dropout),
-                        int(tc.grad_accum_steps), s_cfg.num_hidden_layers,
-                        t_cfg.num_hidden_layers if t_cfg else None)
-      step_fn = jax.jit(make_train_step(ctx), in_shardings=(st_sh, t_sh, batch_sh),
-                        out_shardings=(st_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-      flops_per_example = stage_flops(stage, s_cfg, t_cfg, seq, preds)
-      progress.write(f"== stage {idx + 1}/{len(stages)} `{stage.name}`: steps {stage_start}.."
-                     f"{stage_start + stage.steps} (from {step}), layers "
-                     f"{stage.num_layers or s_cfg.num_hidden_layers}, losses "
-                     + ", ".join(f"{k}={v:.4g}" for k, v in stage.loss_weights.items()))
+      if state.opt_state is None or in_stage == 0:
+        state = state.replace(opt_state=fresh_opt_state(
+            plan.tx, state.params, st_sh.opt_state, previous=state.opt_state,
+            reset=plan.reset_optimizer))
+      aux_sh = jax.tree.map(lambda a: a.sharding, plan.aux)
+      if plan.banner:
+        progress.write(plan.banner)
       t_stage = time.perf_counter()
-      timer = metrics_lib.Timer()
-      steps_since_log = 0
+      batch = sharding.global_batch(task.batch_at(step), mesh)
+      # Compiled ahead of the first step, so compile time is its own metric and never part
+      # of a throughput or MFU window.
+      step_fn = jax.jit(make_train_step(plan, int(tc.seed), int(tc.grad_accum_steps)),
+                        in_shardings=(st_sh, aux_sh, batch_sh),
+                        out_shardings=(st_sh, sharding.replicated(mesh)),
+                        donate_argnums=(0,)).lower(state, plan.aux, batch).compile()
+      writer.write(step, {f"time/compile_stage_{idx:02d}_seconds": time.perf_counter() - t_stage})
+      window = metrics_lib.ThroughputWindow()
       while step < stage_end:
-        local = pipe.batch_at(step, jax.process_index(), jax.process_count())
-        state, out = step_fn(state, teacher_params, sharding.global_batch(local, mesh))
+        if batch is None:
+          batch = sharding.global_batch(task.batch_at(step), mesh)
+        state, out = step_fn(state, plan.aux, batch)
+        batch = None
         step += 1
-        steps_since_log += 1
-        in_stage = step - stage_start
-        at_log = step % tc.log_every == 0 or step == stage_end
-        check_nonfinite = at_log or step % tc.max_nonfinite_steps == 0 or step % tc.checkpoint_every == 0
-        if check_nonfinite:
-          bad = int(jax.device_get(state["nonfinite"]))
-          if bad >= tc.max_nonfinite_steps:
-            ckpt.wait()
-            raise NonFiniteError(
-                f"{bad} consecutive steps had a non-finite loss or gradient (up to step {step}); "
-                f"the updates were skipped and no checkpoint was written after them. Lower "
-                "train.learning_rate, check the data, or raise train.max_nonfinite_steps.")
+        window.count(1)
+        at_log = step % int(tc.log_every) == 0 or step == stage_end
+        if at_log or step % int(tc.max_nonfinite_steps) == 0 or step % int(tc.checkpoint_every) == 0:
+          _check_nonfinite(state, step, int(tc.max_nonfinite_steps), ckpt)
         if at_log:
           host = {k: float(v) for k, v in jax.device_get(out).items()}
-          dt = timer.lap()
-          host.update(
-              learning_rate=float(stage.learning_rate(in_stage - 1)),
-              steps_per_second=steps_since_log / dt,
-              examples_per_second=steps_since_log * config.data.batch_size / dt,
-              stage=float(idx), skipped_steps=float(jax.device_get(state["skipped"])))
-          m = metrics_lib.mfu(flops_per_example * config.data.batch_size * steps_since_log, dt,
-                              tc.compute_dtype)
-          if m is not None:
-            host["mfu"] = m
           host.pop("finite", None)
+          host.update(learning_rate=float(plan.learning_rate(step - stage_start - 1)),
+                      stage=float(idx), skipped_steps=float(jax.device_get(state.skipped)))
+          host.update(window.rates(task.global_batch_size(), plan.flops_per_example,
+                                   tc.compute_dtype))
           writer.write(step, host)
-          progress.update(step, {"loss": host["loss"], "stage": stage.name})
-          steps_since_log = 0
-        if step % tc.eval_every == 0 or step == end_step:
-          last_eval = evaluate(state["params"], step)
-          progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
-        if step % tc.checkpoint_every == 0 or step == stage_end:
-          ckpt.save(step, state, meta_for(step, idx, in_stage))
-        if preemption.agreed():
-          ckpt.save(step, state, meta_for(step, idx, in_stage))
+          progress.update(step, {"loss": host["loss"], "stage": plan.name})
+        if task.eval_due(step) and step < total:
+          last_eval = evaluate(state.params, step, final=False)
+        saved = step % int(tc.checkpoint_every) == 0 or step == stage_end
+        if saved:
+          ckpt.save(step, state.as_dict(), task.checkpoint_meta(step))
+        if preemption.agreed() and step < stop:
+          if not saved:  # a step that has just been saved is not saved twice
+            ckpt.save(step, state.as_dict(), task.checkpoint_meta(step))
           ckpt.wait()
           status = "preempted"
           break
-      stage_times[stage.name] = stage_times.get(stage.name, 0.0) + time.perf_counter() - t_stage
-      writer.write(step, {f"time/stage_{idx:02d}_seconds": stage_times[stage.name]})
+      stage_times[plan.name] = stage_times.get(plan.name, 0.0) + time.perf_counter() - t_stage
+      writer.write(step, {f"time/stage_{idx:02d}_seconds": stage_times[plan.name]})
       if status == "preempted":
         break
   ckpt.close()
   progress.close()
 
-  report = {
-      "status": status if step >= end_step or status == "preempted" else "stopped",
-      "step": int(step), "end_step": end_step, "schedule_steps": total,
-      "schedule": config.schedule.name, "stages": [s.name for s in stages],
-      "stage_seconds": stage_times, "wall_seconds": time.time() - t_start,
-      "params": model_summary.param_table(s_cfg), "checkpoints": ckpt.directory,
-      "eval": last_eval, "teacher": config.teacher.checkpoint if needs_teacher else None,
-      "skipped_steps": int(jax.device_get(state["skipped"])),
-  }
-  if status == "preempted":
-    progress.write(f"preempted: saved step {step} to {ckpt.directory}; rerun the same command to resume")
+  if status != "preempted" and step < total:
+    status = "stopped"
+  if status == "completed":
+    last_eval = evaluate(state.params, step, final=True)
+  report = {"status": status, "step": int(step), "total_steps": int(total),
+            "stage_seconds": stage_times, "wall_seconds": time.time() - t_start,
+            "checkpoints": ckpt.directory, "eval": last_eval,
+            "skipped_steps": int(jax.device_get(state.skipped)), **task.report()}
+  if status == "completed":
+    workdir_lib.write_json(os.path.join(workdir, workdir_lib.DONE_FILE),
+                           {**report, "eval": metrics_lib.json_safe(last_eval)})
+  elif status == "preempted":
+    progress.write(f"preempted: saved step {step} to {ckpt.directory}; rerun the same command "
+                   "to resume")
   else:
-    write_json(os.path.join(workdir, DONE_FILE), report)
+    progress.write(f"stopped at step {step} of {total}; rerun with a later stop "
+                   f"({task.stop_field}) to go on")
   writer.close()
   return report
+
+
+def make_train_step(plan: StagePlan, seed: int, grad_accum: int) -> Callable:
+  """The compiled step: gradients (accumulated over micro-batches), one guarded update."""
+  def grad_fn(params, aux, batch, rng):
+    return jax.value_and_grad(plan.loss, has_aux=True)(params, aux, batch, rng)
+
+  def step(state: TrainState, aux, batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    (loss, terms), grads = optim.accumulate_gradients(
+        lambda p, mb, r: grad_fn(p, aux, mb, r), state.params, batch, grad_accum, rng=rng)
+    new_state, grad_norm, finite = guarded_update(state, plan.tx, loss, grads)
+    out = dict(terms)
+    out.update(grad_norm=grad_norm, param_norm=optax.tree.norm(state.params),
+               finite=finite.astype(jnp.float32))
+    return new_state, out
+
+  return step
+
+
+# ============================================================================ entry points
+
+def task_for(config: ml_collections.ConfigDict):
+  """A config with a `finetune` section fine-tunes on GLUE/SQuAD; any other one pretrains or
+  distils."""
+  if "finetune" in config:
+    from mbert_jax.finetune.trainer import FinetuneTask
+    return FinetuneTask(config)
+  from mbert_jax.pretrain import PretrainTask
+  return PretrainTask(config)
+
+
+def validate_config(config: ml_collections.ConfigDict):
+  """Every check that needs no data and no compile; raises ValueError naming the field."""
+  return task_for(config)
+
+
+def run_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  return run(task_for(config), workdir)
+
+
+train_and_evaluate = run_config  # the name the earlier releases and the tests use

@@ -40,7 +40,7 @@ for name, mesh in {meshes!r}.items():
   with open(os.path.join(workdir, "model_config.json")) as f:
     cfg = ModelConfig.from_dict(json.load(f))
   m = sharding.make_mesh(c.mesh)
-  params, _ = train.init_params(cfg, 0, m, sharding.rules_from_config(c.mesh))
+  params, _ = sharding.init_params(cfg, 0, m, sharding.rules_from_config(c.mesh))
   flat = traverse_util.flatten_dict(params, sep="/")
   out[name] = {{k: [str(a) if a is not None else None for a in v.sharding.spec] +
                    [list(v.addressable_shards[0].data.shape)] for k, v in flat.items()}}

@@ -23,7 +23,7 @@ from flax import traverse_util
 from configs import common, finetune_glue, finetune_squad
 from mbert_jax import checkpoint as ckpt_lib
 from mbert_jax import optim
-from mbert_jax import train as train_lib
+from mbert_jax import workdir as workdir_lib
 from mbert_jax.finetune import squad, trainer
 from mbert_jax.models import ModelConfig
 from mbert_jax.models.summary import param_shapes
@@ -145,7 +145,7 @@ def test_glue_learns_separable_task(glue_run):
   with open(os.path.join(workdir, trainer.TASK_FILE)) as f:
     task = json.load(f)
   assert task["task"] == "sst2" and task["num_labels"] == 2
-  assert train_lib.is_mbert_workdir(workdir)
+  assert workdir_lib.is_mbert_workdir(workdir)
   assert os.path.isfile(os.path.join(workdir, "tokenizer", "vocab.txt"))
   assert set(flat(restore_state(workdir)["params"])) >= {"classifier/kernel", "classifier/bias"}
 

@@ -133,18 +133,16 @@ def test_bf16_compute_keeps_fp32_params_state_and_losses(tmp_path, cache_dir):
 
 
 def _abstract_state_for(c, workdir, meta):
-  import json as _json
-  from mbert_jax import schedule as schedule_lib, sharding
-  from mbert_jax.models import ModelConfig
-  with open(os.path.join(workdir, "model_config.json")) as f:
-    cfg = ModelConfig.from_dict(_json.load(f))
+  from mbert_jax import sharding
+  from mbert_jax.pretrain import PretrainTask
+  task = PretrainTask(c)
+  task.prepare(workdir)
   mesh = sharding.make_mesh(c.mesh)
-  _, abs_params, p_sh = train.abstract_params(cfg, mesh, sharding.DEFAULT_RULES)
-  stage = schedule_lib.build_schedule(c.schedule, cfg.num_hidden_layers)[meta["stage_index"]]
-  tx = train.optim.build_optimizer(train.optimizer_config(c.train), abs_params,
-                                   schedule_lib.lr_multiplier_tree(stage, abs_params),
-                                   lr_schedule=stage.learning_rate)
-  return train.abstract_state(train.state_shardings(p_sh, tx, abs_params, mesh), abs_params, tx)
+  task.build(mesh, sharding.rules_from_config(c.mesh))
+  abs_params, p_sh = task.abstract_params()
+  tx = task.stage(meta["stage_index"]).tx
+  return train.abstract_state(train.state_shardings(p_sh, tx, abs_params, mesh), abs_params,
+                              tx).as_dict()
 
 
 def test_bad_config_fails_before_compiling(tmp_path, cache_dir):

@@ -34,10 +34,8 @@ import logging
 import math
 import os
 import re
-import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -46,10 +44,12 @@ import optax
 from flax import traverse_util
 
 from mbert_jax import checkpoint as ckpt_lib
-from mbert_jax import metrics as metrics_lib
 from mbert_jax import optim
 from mbert_jax import sharding
 from mbert_jax import train as train_lib
+from mbert_jax.train import StagePlan
+from mbert_jax.workdir import (CONFIG_FILE, DONE_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR,
+                               is_mbert_workdir, write_json)
 from mbert_jax.finetune import defaults as ft_defaults
 from mbert_jax.finetune import squad as squad_lib
 from mbert_jax.finetune import tasks as tasks_lib
@@ -57,10 +57,9 @@ from mbert_jax.finetune.metrics import glue_metrics, squad_metrics
 from mbert_jax.models import (ModelConfig, build_classifier, build_span_extractor,
                               from_hf_config, preset)
 
-__all__ = ["DONE_FILE", "TASK_FILE", "default_config", "validate_config", "finetune_and_evaluate",
-           "train_batch_indices", "load_tokenizer"]
+__all__ = ["DONE_FILE", "TASK_FILE", "FinetuneTask", "default_config", "validate_config",
+           "finetune_and_evaluate", "train_batch_indices", "load_tokenizer"]
 
-DONE_FILE = train_lib.DONE_FILE
 TASK_FILE = "task.json"
 BACKBONE = ("embeddings", "encoder", "pooler")
 POOLER_CHOICES = ("checkpoint", "tanh", "none")
@@ -124,11 +123,11 @@ def default_config(kind: str = "glue") -> ml_collections.ConfigDict:
   tr.epochs = float(d["num_epochs"])
   tr.steps = -1                # > 0 overrides epochs: the schedule's total length
   tr.stop_at_step = -1         # > 0: checkpoint and stop there (the schedule still spans `steps`)
-  tr.optimizer = "adamw_tf1"   # TF1 AdamWeightDecayOptimizer: no bias correction
+  tr.optimizer = str(d["optimizer"])  # adamw_tf1: TF1 AdamWeightDecayOptimizer
   tr.learning_rate = float(d["learning_rate"])
   tr.warmup_proportion = float(d["warmup_proportion"])
   tr.warmup_steps = -1         # >= 0 overrides warmup_proportion
-  tr.lr_schedule = "linear"
+  tr.lr_schedule = "linear"     # linear | polynomial | cosine | constant (optim.make_lr_schedule)
   tr.end_factor = float(d["end_lr_ratio"])
   tr.weight_decay = float(d["weight_decay"])
   tr.clip_norm = float(d["grad_clip_norm"])
@@ -313,7 +312,7 @@ def resolve_init(init_cfg) -> InitSource:
   path = os.path.expanduser(spec)
   if not os.path.isdir(path):
     path = _download_hub_model(spec)
-  if train_lib.is_mbert_workdir(path):
+  if is_mbert_workdir(path):
     with open(os.path.join(path, "model_config.json")) as f:
       cfg = ModelConfig.from_dict(json.load(f))
     tok = os.path.join(path, "tokenizer")
@@ -374,15 +373,12 @@ def _dummy_inputs():
 
 def abstract_params(model, mesh, rules):
   """(unboxed ShapeDtypeStructs, NamedShardings) of the fine-tuning model, nothing allocated."""
-  boxed = jax.eval_shape(lambda k: model.init(k, *_dummy_inputs())["params"], jax.random.key(0))
-  unboxed = nn.unbox(boxed)
-  return unboxed, sharding.tree_shardings(nn.get_partition_spec(boxed), unboxed, mesh, rules)
+  _, unboxed, shardings = sharding.abstract_model_params(model, _dummy_inputs(), mesh, rules)
+  return unboxed, shardings
 
 
 def init_params(model, key, shardings):
-  init = jax.jit(lambda k: nn.unbox(model.init(k, *_dummy_inputs())["params"]),
-                 out_shardings=shardings)
-  return init(key)
+  return sharding.init_model_params(model, _dummy_inputs(), key, shardings)
 
 
 def load_backbone(source: InitSource, init_cfg, abs_params, shardings) -> dict[str, Any]:
@@ -595,26 +591,12 @@ def _apply(model, params, batch, deterministic: bool, rng=None):
                      rngs=None if rng is None else {"dropout": rng})
 
 
-def make_train_step(model, info: TaskInfo, tx, lr_schedule, dropout_key,
-                    grad_accum: int) -> Callable:
-  def grad_fn(params, batch, rng):
-    def loss_fn(p):
-      return task_loss(info, _apply(model, p, batch, False, rng), batch)
-    return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
-  def step(state, batch):
-    rng = jax.random.fold_in(dropout_key, state["step"])
-    (loss, terms), grads = optim.accumulate_gradients(grad_fn, state["params"], batch,
-                                                      grad_accum, rng=rng)
-    # A non-finite step is skipped, not applied; the loop stops after too many in a row.
-    new_state, grad_norm, _ = train_lib.guarded_update(state, tx, loss, grads)
-    out = dict(terms)
-    # One optimizer update per step from a fresh state, so its count is the step.
-    out.update(grad_norm=grad_norm, param_norm=optax.tree.norm(state["params"]),
-               learning_rate=lr_schedule(state["step"]))
-    return new_state, out
-
-  return step
+def make_loss(model, info: TaskInfo):
+  """The fine-tuning loss for the one loop: (params, aux, batch, dropout rng) -> (loss, terms)."""
+  def loss_fn(params, aux, batch, rng):
+    del aux
+    return task_loss(info, _apply(model, params, batch, False, rng), batch)
+  return loss_fn
 
 
 def make_predict(model, info: TaskInfo) -> Callable:
@@ -688,9 +670,9 @@ def write_predictions(workdir: str, info: TaskInfo, split: Split, out, decoded) 
   os.makedirs(d, exist_ok=True)
   if info.kind == "squad":
     path = os.path.join(d, f"squad_{split.name}.json")
-    train_lib.write_json(path, decoded.predictions)
+    write_json(path, decoded.predictions)
     if info.squad_version == "2.0":
-      train_lib.write_json(os.path.join(d, f"squad_{split.name}_null_odds.json"),
+      write_json(os.path.join(d, f"squad_{split.name}_null_odds.json"),
                            {k: _finite_or_str(v) for k, v in decoded.null_score_diff.items()})
     return path
   preds = glue_predictions(info, out["logits"])
@@ -706,7 +688,7 @@ def write_predictions(workdir: str, info: TaskInfo, split: Split, out, decoded) 
   return path
 
 
-# ============================================================================ the run
+# ============================================================================ the task
 
 def _total_steps(tc, num_train: int, batch_size: int) -> int:
   if int(tc.steps) > 0:
@@ -726,217 +708,179 @@ def param_counts(abs_params) -> dict[str, int]:
   return counts
 
 
-def _check_resume(meta: dict, expected: dict, workdir: str) -> None:
-  for key, want in expected.items():
-    if key in meta and meta[key] != want:
-      raise ValueError(f"{workdir} holds a run with {key} = {meta[key]!r}, this config has "
-                       f"{want!r}; use a new workdir (one per task, seed and grid point)")
+# Fields whose change leaves the checkpoints valid: cadence, where to stop, placement.
+_RESUMABLE = {"train": ("stop_at_step", "log_every", "eval_every", "checkpoint_every",
+                        "keep_checkpoints", "async_checkpoint", "progress_bar",
+                        "compilation_cache_dir", "max_nonfinite_steps", "compute_dtype"),
+              "data": ("cache_dir", "eval_batch_size"),
+              "task": ("eval_splits", "max_eval_examples")}
+
+
+def run_identity(config) -> dict[str, Any]:
+  c = config.to_dict()
+  ident = {"kind": "finetune"}
+  for section in ("finetune", "init", "task", "data", "train"):
+    ident[section] = {k: v for k, v in c[section].items() if k not in _RESUMABLE.get(section, ())}
+  if not config.init.checkpoint:
+    ident["model"] = c["model"]
+  return ident
+
+
+class FinetuneTask:
+  """GLUE classification / STS-B regression / SQuAD span extraction for `mbert_jax.train.run`."""
+
+  stop_field = "train.stop_at_step"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.info = validate_config(config)
+    self.last_eval: dict[str, float] = {}
+
+  def identity(self) -> dict[str, Any]:
+    return run_identity(self.config)
+
+  # ---- inputs: initial model, data, tokenizer (all errors surface here, before any compile)
+  def prepare(self, workdir: str) -> None:
+    config, info, tc = self.config, self.info, self.config.train
+    self.workdir = workdir
+    self.batch_size = int(config.data.batch_size)
+    self.eval_batch = int(config.data.eval_batch_size) or self.batch_size
+    self.source = resolve_init(config.init)
+    check_model_early(self.source, config)
+    train_examples = load_split(config, info, config.task.train_split,
+                                int(config.task.max_train_examples))
+    eval_examples = {s: load_split(config, info, s, int(config.task.max_eval_examples))
+                     for s in info.eval_splits}
+
+    def corpus() -> list[str]:
+      if info.kind == "squad":
+        return list(dict.fromkeys(train_examples["context"])) + list(train_examples["question"])
+      return [t for field in info.glue.text_fields for t in train_examples[field]]
+
+    self.tokenizer = resolve_tokenizer(config, self.source, workdir, corpus)
+    vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+    self.m_cfg = finetune_model_config(self.source, config, vocab_size)
+    self.model = build_model(info, self.m_cfg, float(config.finetune.classifier_dropout))
+    self.train_split = featurize(config, info, self.tokenizer, config.task.train_split,
+                                 train_examples, True)
+    self.eval_splits = [featurize(config, info, self.tokenizer, s, ex, False)
+                        for s, ex in eval_examples.items()]
+    self.total = _total_steps(tc, len(self.train_split), self.batch_size)
+    self.warmup = (int(tc.warmup_steps) if int(tc.warmup_steps) >= 0
+                   else int(self.total * float(tc.warmup_proportion)))
+    self.stop = self.total if int(tc.stop_at_step) < 0 else min(int(tc.stop_at_step), self.total)
+    self.opt_cfg = optimizer_config(tc, self.total, self.warmup)
+    self.train_keys = tuple(self.train_split.arrays)
+
+  def files(self) -> dict[str, Any]:
+    info = self.info
+    return {CONFIG_FILE: self.config.to_dict(), MODEL_CONFIG_FILE: self.m_cfg.to_dict(),
+            TASK_FILE: {
+                "kind": info.kind, "task": info.name, "num_labels": info.num_labels,
+                "label_names": list(info.glue.label_names or ()) if info.glue else None,
+                "squad_version": info.squad_version,
+                "max_seq_length": int(self.config.data.max_seq_length),
+                "pooler": self.m_cfg.classifier_activation, "init": self.source.path}}
+
+  def save_side_files(self, workdir: str) -> None:
+    if not os.path.isdir(os.path.join(workdir, TOKENIZER_DIR)):
+      from mbert_jax.data.tokenizer import save_tokenizer
+      save_tokenizer(self.tokenizer, os.path.join(workdir, TOKENIZER_DIR))
+
+  def total_steps(self) -> int:
+    return self.total
+
+  def stop_step(self) -> int:
+    return self.stop
+
+  def global_batch_size(self) -> int:
+    return self.batch_size
+
+  # ---- model and state
+  def build(self, mesh, rules) -> None:
+    self.mesh = mesh
+    sharding.check_batch_divisible(self.batch_size, mesh, int(self.config.train.grad_accum_steps))
+    sharding.check_batch_divisible(self.eval_batch, mesh)
+    self.abs_params, self.p_shardings = abstract_params(self.model, mesh, rules)
+    self.tx = optim.build_optimizer(self.opt_cfg, self.abs_params)
+    self.lr_fn = optim.lr_schedule_from_config(self.opt_cfg)
+    eval_sh = {k: sharding.batch_sharding(mesh, 2) for k in ("input_ids", "token_type_ids",
+                                                              "attention_mask")}
+    self.predict_fn = jax.jit(make_predict(self.model, self.info),
+                              in_shardings=(self.p_shardings, eval_sh),
+                              out_shardings=sharding.replicated(mesh))
+
+  def abstract_params(self):
+    return self.abs_params, self.p_shardings
+
+  def init_params(self):
+    init_key = jax.random.split(jax.random.key(int(self.config.train.seed)))[0]
+    params = init_params(self.model, init_key, self.p_shardings)
+    if self.source.kind != "random":
+      params = {**params, **load_backbone(self.source, self.config.init, self.abs_params,
+                                          self.p_shardings)}
+    return params
+
+  # ---- the one stage
+  def stage_index(self, step: int) -> tuple[int, int, int]:
+    return 0, 0, step
+
+  def stage(self, index: int) -> StagePlan:
+    del index
+    return StagePlan(
+        name="finetune", steps=self.total, tx=self.tx, loss=make_loss(self.model, self.info),
+        learning_rate=lambda s: float(self.lr_fn(s)),
+        banner=(f"fine-tuning {self.info.name} ({self.info.kind}): {len(self.train_split)} "
+                f"training rows, {self.total} steps (warm-up {self.warmup}), batch "
+                f"{self.batch_size}, init {self.source.path or 'random'}, seed "
+                f"{int(self.config.train.seed)}"))
+
+  def batch_at(self, step: int) -> dict[str, np.ndarray]:
+    rows = _local_rows(train_batch_indices(step, self.batch_size, len(self.train_split),
+                                           int(self.config.train.seed)))
+    return {k: self.train_split.arrays[k][rows] for k in self.train_keys}
+
+  def checkpoint_meta(self, step: int) -> dict[str, Any]:
+    return {"step": int(step), "task": self.info.name, "seed": int(self.config.train.seed),
+            "total_steps": self.total, "train_rows": len(self.train_split),
+            "batch_size": self.batch_size}
+
+  # ---- evaluation and report
+  def eval_due(self, step: int) -> bool:
+    every = int(self.config.train.eval_every)
+    return bool(every) and step % every == 0
+
+  def evaluate(self, params, step: int, final: bool) -> dict[str, float]:
+    info, result = self.info, {}
+    for split in self.eval_splits:
+      out = predict_split(self.predict_fn, params, split, self.eval_batch, self.mesh)
+      if info.kind == "squad":
+        metrics, decoded = score_squad(self.config, info, split, out)
+      else:
+        metrics, decoded = score_glue(info, split, out["logits"]), None
+      for k, v in metrics.items():
+        result[f"eval/{split.name}/{k}"] = float(v)
+      if final:
+        write_predictions(self.workdir, info, split, out, decoded)
+    headline = f"eval/{info.eval_splits[0]}/{info.main_metric}" if info.eval_splits else None
+    if headline in result:
+      result["eval/score"] = result[headline]
+    self.last_eval = result
+    return result
+
+  def report(self) -> dict[str, Any]:
+    info = self.info
+    return {"task": info.name, "kind": info.kind, "squad_version": info.squad_version,
+            "seed": int(self.config.train.seed), "init": self.source.path or "random",
+            "score": self.last_eval.get("eval/score"), "main_metric": info.main_metric,
+            "params": param_counts(self.abs_params)}
 
 
 def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes (or resumes) the configured task in `workdir`; returns the final report.
 
   Report keys: status (completed | stopped | preempted), step, total_steps, task, seed,
-  init, eval (`eval/<split>/<metric>` and `eval/score`, the task's headline number; the key
-  train.py's report uses too), score, main_metric, wall_seconds, params.
+  init, eval (`eval/<split>/<metric>` and `eval/score`, the task's headline number), score,
+  main_metric, wall_seconds, params.
   """
-  t_start = time.time()
-  info = validate_config(config)
-  tc = config.train
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-  if tc.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", tc.compilation_cache_dir)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config.mesh)
-  batch_size = int(config.data.batch_size)
-  eval_batch = int(config.data.eval_batch_size) or batch_size
-  sharding.check_batch_divisible(batch_size, mesh, int(tc.grad_accum_steps))
-  sharding.check_batch_divisible(eval_batch, mesh)
-
-  # ---- initial model, data, tokenizer (all errors surface here, before any compile)
-  source = resolve_init(config.init)
-  check_model_early(source, config)
-  train_examples = load_split(config, info, config.task.train_split,
-                              int(config.task.max_train_examples))
-  eval_examples = {s: load_split(config, info, s, int(config.task.max_eval_examples))
-                   for s in info.eval_splits}
-
-  def corpus() -> list[str]:
-    if info.kind == "squad":
-      return list(dict.fromkeys(train_examples["context"])) + list(train_examples["question"])
-    return [t for field in info.glue.text_fields for t in train_examples[field]]
-
-  tokenizer = resolve_tokenizer(config, source, workdir, corpus)
-  vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-  m_cfg = finetune_model_config(source, config, vocab_size)
-  model = build_model(info, m_cfg, float(config.finetune.classifier_dropout))
-  train_split = featurize(config, info, tokenizer, config.task.train_split, train_examples, True)
-  eval_splits = [featurize(config, info, tokenizer, s, ex, False)
-                 for s, ex in eval_examples.items()]
-
-  total = _total_steps(tc, len(train_split), batch_size)
-  warmup = (int(tc.warmup_steps) if int(tc.warmup_steps) >= 0
-            else int(total * float(tc.warmup_proportion)))
-  end_step = total if int(tc.stop_at_step) < 0 else min(int(tc.stop_at_step), total)
-  opt_cfg = optimizer_config(tc, total, warmup)
-  seed = int(tc.seed)
-  init_key, dropout_key = jax.random.split(jax.random.key(seed))
-
-  if is_main:
-    train_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    train_lib.write_json(os.path.join(workdir, "model_config.json"), m_cfg.to_dict())
-    train_lib.write_json(os.path.join(workdir, TASK_FILE), {
-        "kind": info.kind, "task": info.name, "num_labels": info.num_labels,
-        "label_names": list(info.glue.label_names or ()) if info.glue else None,
-        "squad_version": info.squad_version, "max_seq_length": int(config.data.max_seq_length),
-        "pooler": m_cfg.classifier_activation, "init": source.path})
-    if not os.path.isdir(os.path.join(workdir, "tokenizer")):
-      from mbert_jax.data.tokenizer import save_tokenizer
-      save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
-
-  # ---- state: restore or initialise
-  abs_params, p_shardings = abstract_params(model, mesh, rules)
-  tx = optim.build_optimizer(opt_cfg, abs_params)
-  st_sh = train_lib.state_shardings(p_shardings, tx, abs_params, mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tc.keep_checkpoints),
-                               async_save=bool(tc.async_checkpoint))
-  expected_meta = {"task": info.name, "seed": seed, "total_steps": total,
-                   "train_rows": len(train_split), "batch_size": batch_size}
-  if ckpt.latest_step() is not None:  # before any restore: a foreign run must not be resumed
-    _check_resume(ckpt.read_meta(ckpt.latest_step()), expected_meta, workdir)
-  restored = ckpt.restore_latest_good(lambda meta: train_lib.abstract_state(st_sh, abs_params, tx))
-  if restored is not None:
-    start, state, _ = restored
-    logging.info("resumed %s from step %d", workdir, start)
-  else:
-    start = 0
-    params = init_params(model, init_key, p_shardings)
-    if source.kind != "random":
-      params = {**params, **load_backbone(source, config.init, abs_params, p_shardings)}
-    # Scalars placed on the mesh like the step's outputs: otherwise the second step sees
-    # different input types and the whole step compiles twice.
-    zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-    state = {"step": zero(), "params": params,
-             "opt_state": jax.jit(tx.init, out_shardings=st_sh["opt_state"])(params),
-             "nonfinite": zero(), "skipped": zero()}
-
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  progress = metrics_lib.Progress(end_step, start, enabled=is_main and bool(tc.progress_bar))
-
-  def say(text: str) -> None:
-    if progress.bar is not None:
-      progress.write(text)
-    elif is_main:
-      print(text, flush=True)
-
-  say(f"fine-tuning {info.name} ({info.kind}): {len(train_split)} training rows, {total} steps "
-      f"(warm-up {warmup}), batch {batch_size}, init {source.path or 'random'}, seed {seed}")
-
-  train_keys = tuple(train_split.arrays)
-  batch_sh = {k: sharding.batch_sharding(mesh, train_split.arrays[k].ndim) for k in train_keys}
-  lr_fn = optim.lr_schedule_from_config(opt_cfg)
-  step_fn = jax.jit(make_train_step(model, info, tx, lr_fn, dropout_key, int(tc.grad_accum_steps)),
-                    in_shardings=(st_sh, batch_sh),
-                    out_shardings=(st_sh, sharding.replicated(mesh)),
-                    donate_argnums=(0,))
-  eval_sh = {k: sharding.batch_sharding(mesh, 2) for k in ("input_ids", "token_type_ids",
-                                                            "attention_mask")}
-  predict_fn = jax.jit(make_predict(model, info), in_shardings=(p_shardings, eval_sh),
-                       out_shardings=sharding.replicated(mesh))
-
-  def evaluate(params, step: int, final: bool) -> dict[str, float]:
-    result: dict[str, float] = {}
-    for split in eval_splits:
-      out = predict_split(predict_fn, params, split, eval_batch, mesh)
-      if info.kind == "squad":
-        metrics, decoded = score_squad(config, info, split, out)
-      else:
-        metrics, decoded = score_glue(info, split, out["logits"]), None
-      for k, v in metrics.items():
-        result[f"eval/{split.name}/{k}"] = float(v)
-      if final:
-        write_predictions(workdir, info, split, out, decoded)
-    headline = f"eval/{info.eval_splits[0]}/{info.main_metric}" if info.eval_splits else None
-    if headline in result:
-      result["eval/score"] = result[headline]
-    writer.write(step, result)
-    if result:
-      say(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
-    return result
-
-  def meta_for(step: int) -> dict:
-    return {"step": int(step), **expected_meta}
-
-  def rows_at(step: int) -> dict[str, np.ndarray]:
-    rows = _local_rows(train_batch_indices(step, batch_size, len(train_split), seed))
-    return {k: train_split.arrays[k][rows] for k in train_keys}
-
-  status = "completed"
-  last_eval: dict[str, float] = {}
-  step = start
-  timer = metrics_lib.Timer()
-  since_log = 0
-  with train_lib._Preemption() as preemption:
-    while step < end_step:
-      state, out = step_fn(state, sharding.global_batch(rows_at(step), mesh))
-      step += 1
-      since_log += 1
-      if step == start + 1:  # keep the compile out of the throughput numbers
-        jax.block_until_ready(out)
-        say(f"first step (compile included): {timer.lap():.1f}s")
-        since_log = 0
-      at_log = step % int(tc.log_every) == 0 or step == end_step
-      if at_log or step % int(tc.max_nonfinite_steps) == 0:
-        bad = int(jax.device_get(state["nonfinite"]))
-        if bad >= int(tc.max_nonfinite_steps):
-          ckpt.wait()
-          raise train_lib.NonFiniteError(
-              f"{bad} consecutive steps had a non-finite loss or gradient (up to step {step}); "
-              "the updates were skipped. Lower train.learning_rate or check the data.")
-      if at_log:
-        host = {k: float(v) for k, v in jax.device_get(out).items()}
-        dt = timer.lap()
-        host["skipped_steps"] = float(jax.device_get(state["skipped"]))
-        if since_log:
-          host.update(steps_per_second=since_log / dt,
-                      examples_per_second=since_log * batch_size / dt)
-        writer.write(step, host)
-        progress.update(step, {"loss": host["loss"]})
-        since_log = 0
-      if int(tc.eval_every) and step % int(tc.eval_every) == 0 and step < total:
-        last_eval = evaluate(state["params"], step, final=False)
-      saved = step % int(tc.checkpoint_every) == 0 or step == end_step
-      if saved:
-        ckpt.save(step, state, meta_for(step))
-      if preemption.agreed() and step < end_step:
-        if not saved:
-          ckpt.save(step, state, meta_for(step))
-        ckpt.wait()
-        status = "preempted"
-        break
-  ckpt.close()
-  progress.close()
-
-  if status != "preempted" and step < total:
-    status = "stopped"
-  if status == "completed":
-    last_eval = evaluate(state["params"], step, final=True)
-  report = {
-      "status": status, "step": int(step), "total_steps": total, "task": info.name,
-      "kind": info.kind, "squad_version": info.squad_version, "seed": seed,
-      "init": source.path or "random", "eval": last_eval,
-      "score": last_eval.get("eval/score"), "main_metric": info.main_metric,
-      "wall_seconds": time.time() - t_start, "checkpoints": ckpt.directory,
-      "params": param_counts(abs_params),
-      "skipped_steps": int(jax.device_get(state["skipped"])),
-  }
-  if status == "completed":
-    finite = {k: _finite_or_str(v) for k, v in last_eval.items()}
-    train_lib.write_json(os.path.join(workdir, DONE_FILE), {**report, "eval": finite})
-  elif status == "preempted":
-    say(f"preempted at step {step}; rerun the same command to resume")
-  else:
-    say(f"stopped at step {step} of {total} (train.stop_at_step); rerun without it to finish")
-  writer.close()
-  return report
+  return train_lib.run(FinetuneTask(config), workdir)
