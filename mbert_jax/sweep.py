@@ -15,9 +15,13 @@ load it too) with two more functions:
       overrides.
 
 `{sweepdir}` in any string (a base-config field or an override) stands for the absolute sweep
-directory, so runs can name a set-up run's output (`{sweepdir}/teacher`). Every run resumes: a
-finished run (`final.json`) is skipped, a half-done one continues from its own checkpoints. The
-results table and plots are rebuilt from what is on disk after each run and by `--report`.
+directory, so runs can name a set-up run's output (`{sweepdir}/teacher`). Every run goes
+through the one training loop (`mbert_jax.train.run_config`) and resumes: a finished run
+(`final.json`) is skipped, a half-done one continues from its own checkpoints. A run directory
+whose checkpoints belong to another run (the loop's identity: model, schedule, data, seeds) is
+refused before anything is written; a change the checkpoints do not depend on (a longer final
+stage, logging) resumes, and re-opens a finished run. The results table and plots
+(mbert_jax/sweep_report.py) are rebuilt from what is on disk after each run and by `--report`.
 
 Overrides are restricted to values a launch.py flag can carry (bool, int, float, str, tuples of
 those) and `--emit` parses every command back through ml_collections' config_flags, so an
@@ -27,9 +31,7 @@ emitted command and an in-process run always train the same config.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import importlib.util
 import itertools
 import json
 import math
@@ -44,14 +46,15 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_collections
 from ml_collections.config_flags import config_path
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mbert_jax import cli
+from mbert_jax import config_files
+from mbert_jax import workdir as workdir_lib
+from mbert_jax.config_files import REPO_ROOT, split_ref
+from mbert_jax.sweep_report import (DEFAULT_VARIANT, ERROR_FILE, MANIFEST, WALL_FILE,
+                                    boundaries_of, read_json_if_any, report_paths, write_report)
+
 SWEEPDIR = "{sweepdir}"
 META_KEYS = ("name", "variant")
-DEFAULT_VARIANT = "default"
-MANIFEST = "sweep.json"
-WALL_FILE = "sweep_wall.json"
-ERROR_FILE = "sweep_error.txt"
-DONE_FILE = "final.json"  # train.DONE_FILE; repeated so --report does not import jax
 # Names become directories next to these entries of the sweep dir.
 RESERVED_NAMES = ("data_cache", "xla_cache")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+=-]*$")
@@ -172,51 +175,24 @@ def _make_run(spec: Any, index: int, config_ref: str, setup: bool) -> Run:
              setup=setup)
 
 
-def _split_ref(ref: str) -> tuple[str, str | None]:
-  path, sep, arg = ref.partition(":")
-  return path, (arg if sep else None)
-
-
 def _absolute_ref(ref: str, base: str = REPO_ROOT) -> str:
-  path, arg = _split_ref(ref)
+  path, arg = split_ref(ref)
   path = path if os.path.isabs(path) else os.path.join(base, path)
   return os.path.normpath(path) + ("" if arg is None else f":{arg}")
-
-
-def _module_from(path: str, name: str):
-  if not os.path.isfile(path):
-    raise SweepError(f"config file {path} does not exist")
-  # Config and sweep files import `configs.*` / `experiments.*` as launch.py sees them.
-  if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def load_config(ref: str) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of a config file `path[:arg]`, called as launch.py's flag calls it."""
-  path, arg = _split_ref(ref)
-  module = _module_from(path, "sweep_config_" + re.sub(r"\W", "_", os.path.basename(path)))
-  if not hasattr(module, "get_config"):
-    raise SweepError(f"{path} has no get_config(arg)")
-  config = module.get_config() if arg is None else module.get_config(arg)
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise SweepError(f"{path}:get_config returned {type(config).__name__}, not a ConfigDict")
-  return config
 
 
 class SweepFile:
   """A loaded sweep file: its base config, set-up runs and runs."""
 
   def __init__(self, spec: str, cwd: str | None = None):
-    path, arg = _split_ref(spec)
+    path, _ = split_ref(spec)
     if not path.endswith(".py"):
       raise SweepError(f"--sweep must name a .py file (`path[:arg]`), got {spec!r}")
     self.ref = _absolute_ref(spec, base=cwd or os.getcwd())
-    self.path, self.arg = _split_ref(self.ref)
-    self.module = _module_from(self.path, "sweep_" + re.sub(r"\W", "_", os.path.basename(path)))
+    self.path, self.arg = split_ref(self.ref)
+    if not os.path.isfile(self.path):
+      raise SweepError(f"sweep file {self.path} does not exist")
+    self.module = config_files.load_module(self.path, "sweep_")
     for fn in ("get_config", "get_sweep"):
       if not callable(getattr(self.module, fn, None)):
         raise SweepError(f"sweep file {self.path} must define {fn}(arg)")
@@ -259,16 +235,6 @@ def _substitute(value: Any, sweepdir: str) -> Any:
   return value
 
 
-def _leaves(cfg: ml_collections.ConfigDict, prefix: str = "") -> Iterable[tuple[str, Any]]:
-  for key in cfg.keys():
-    value = cfg[key]
-    path = f"{prefix}{key}"
-    if isinstance(value, ml_collections.ConfigDict):
-      yield from _leaves(value, path + ".")
-    else:
-      yield path, value
-
-
 def _contains_placeholder(value: Any) -> bool:
   if isinstance(value, str):
     return SWEEPDIR in value
@@ -282,7 +248,8 @@ def flag_items(run: Run, base: ml_collections.ConfigDict, sweepdir: str) -> list
   every base field that names `{sweepdir}` (launch.py knows no such placeholder)."""
   items = [(k, _substitute(v, sweepdir)) for k, v in run.overrides]
   overridden = {k for k, _ in run.overrides}
-  for key, value in _leaves(base):
+  for key in config_files.field_paths(base):
+    value = config_path.get_value(key, base)
     if key not in overridden and _contains_placeholder(value):
       if isinstance(value, list):
         raise SweepError(f"{run.name}: base field {key} is a list naming {SWEEPDIR}; lists "
@@ -293,17 +260,10 @@ def flag_items(run: Run, base: ml_collections.ConfigDict, sweepdir: str) -> list
 
 def _apply(config: ml_collections.ConfigDict, items: Sequence[tuple[str, Any]], run: Run) -> None:
   for key, value in items:
-    try:
-      config_path.get_value(key, config)
-    except (KeyError, AttributeError, IndexError, ValueError):
-      holder = key.rpartition(".")[0]
-      try:
-        parent = config_path.get_value(holder, config) if holder else config
-        known = sorted(parent.keys())
-      except Exception:  # the parent is missing too; say so instead of listing
-        known = f"(no section {holder!r})"
-      raise SweepError(f"run {run.name!r}: {key!r} is not a field of the base config "
-                       f"{run.config_ref}; fields there: {known}") from None
+    if not config_files.has_field(config, key):
+      # Worded as launch.py words a bad --config.* flag, naming the field most likely meant.
+      where = f"run {run.name!r}: {key!r} is not a field of the base config {run.config_ref}"
+      raise SweepError(config_files.unknown_field_message(config, key, where))
     try:
       # config_path.set_value is what config_flags calls, so FieldReferences propagate alike.
       config_path.set_value(key, config, value)
@@ -314,7 +274,7 @@ def _apply(config: ml_collections.ConfigDict, items: Sequence[tuple[str, Any]], 
 def resolve(run: Run, sweepdir: str) -> ml_collections.ConfigDict:
   """The run's final config: base + overrides, `{sweepdir}` filled in, references resolved."""
   sweepdir = os.path.abspath(sweepdir)
-  base = load_config(run.config_ref)
+  base = config_files.load_config(run.config_ref)
   items = flag_items(run, base, sweepdir)
   _apply(base, items, run)
   return base.copy_and_resolve_references()
@@ -341,9 +301,9 @@ def _display_path(path: str) -> str:
 
 def command_args(run: Run, sweepdir: str) -> list[str]:
   sweepdir = os.path.abspath(sweepdir)
-  path, arg = _split_ref(run.config_ref)
+  path, arg = split_ref(run.config_ref)
   config = _display_path(path) + ("" if arg is None else f":{arg}")
-  base = load_config(run.config_ref)
+  base = config_files.load_config(run.config_ref)
   args = ["launch.py", f"--config={config}", f"--workdir={os.path.join(sweepdir, run.name)}"]
   args += [f"--config.{k}={_flag_text(v)}" for k, v in flag_items(run, base, sweepdir)]
   return args
@@ -405,25 +365,17 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
 
 # ============================================================================ running
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True, default=str)
-  os.replace(tmp, path)
-
-
-def _read_json(path: str) -> Any:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
-    return None
+def _stage_layout(config: ml_collections.ConfigDict) -> list[tuple[int, str]] | None:
+  if "schedule" not in config:
+    return []  # fine-tuning: one stage
+  return boundaries_of(config.schedule, config.model.num_hidden_layers)
 
 
 def write_manifest(sweep_file: SweepFile, runs: Sequence[Run], sweepdir: str,
                    commands: Mapping[str, str] | None = None) -> str:
-  """`sweep.json`: which directories are runs, their strategy labels and commands; --report
-  reads it so a sweep run by a cluster scheduler gets the same table."""
+  """`sweep.json`: which directories are runs, their strategy labels, stage boundaries and
+  commands; --report reads it, so a sweep run by a cluster scheduler gets the same table and
+  the report needs no jax to lay out the stages."""
   os.makedirs(sweepdir, exist_ok=True)
   entries = []
   for r in runs:
@@ -432,66 +384,85 @@ def write_manifest(sweep_file: SweepFile, runs: Sequence[Run], sweepdir: str,
         "name": r.name, "variant": r.variant, "setup": r.setup,
         "config": r.config_ref, "overrides": [[k, v] for k, v in r.overrides],
         "strategy": str(cfg.schedule.name) if "schedule" in cfg else "",
+        "stage_boundaries": _stage_layout(cfg),
         "command": (commands or {}).get(r.name) or launch_command(r, sweepdir),
     })
   path = os.path.join(sweepdir, MANIFEST)
-  _write_json(path, {"sweep": sweep_file.ref, "runs": entries})
+  workdir_lib.write_json(path, {"sweep": sweep_file.ref, "runs": entries}, all_processes=True)
   return path
 
 
-def _check_same_config(run: Run, run_dir: str, config: ml_collections.ConfigDict) -> None:
-  """A run directory only resumes the config that started it."""
-  stored = _read_json(os.path.join(run_dir, "config.json"))
-  if stored is None:
+def _check_identity(run: Run, run_dir: str, config: ml_collections.ConfigDict) -> None:
+  """A run directory only resumes checkpoints of its own identity (what the training loop's
+  workdir claim checks, here without writing anything). A directory without checkpoints has
+  nothing to protect."""
+  if not workdir_lib.has_checkpoints(run_dir):
     return
-  want = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
-  if stored != want:
-    diff = _diff(stored, want)
+  stored = read_json_if_any(os.path.join(run_dir, workdir_lib.IDENTITY_FILE))
+  if stored is None:
     raise SweepError(
-        f"run {run.name!r}: {run_dir} holds a run of a different config ({'; '.join(diff[:3])}); "
-        "use a fresh --workdir or delete that directory")
+        f"run {run.name!r}: {run_dir} holds checkpoints but no {workdir_lib.IDENTITY_FILE}, so "
+        "they cannot be checked against this run; use a fresh --workdir or delete that directory")
+  from mbert_jax import train  # imports jax; only resumed runs get here
+  try:
+    identity = train.task_for(config).identity()
+  except (ValueError, FileNotFoundError) as e:
+    raise SweepError(f"run {run.name!r}: {e}") from None
+  diffs = workdir_lib.identity_differences(stored, identity)
+  if diffs:
+    raise SweepError(
+        f"run {run.name!r}: {run_dir} holds a run of a different config ({'; '.join(diffs[:3])}"
+        f"{f'; and {len(diffs) - 3} more' if len(diffs) > 3 else ''}); use a fresh --workdir "
+        "or delete that directory")
 
 
 def check_sweepdir(runs: Sequence[Run], sweepdir: str) -> None:
   """Refuses, before anything is written, a sweep dir whose runs were started with other
   configs (e.g. the same --workdir with a different sweep argument)."""
   for r in runs:
-    _check_same_config(r, os.path.join(os.path.abspath(sweepdir), r.name), resolve(r, sweepdir))
+    _check_identity(r, os.path.join(os.path.abspath(sweepdir), r.name), resolve(r, sweepdir))
+
+
+def changes_since_finished(run_dir: str, config: ml_collections.ConfigDict) -> list[str] | None:
+  """None for a run that has not finished; else the config fields changed since it did. The
+  identity being checked, those are fields the checkpoints do not depend on (a longer final
+  stage, logging): the loop resumes such a run, so its report follows the config asked for."""
+  if not workdir_lib.is_finished(run_dir):
+    return None
+  stored = read_json_if_any(os.path.join(run_dir, workdir_lib.CONFIG_FILE))
+  return [] if stored is None else workdir_lib.identity_differences(stored, config.to_dict())
 
 
 def _add_wall(run_dir: str, seconds: float) -> None:
-  # train.py's wall_seconds covers only the session that finished; a resumed run's cost is the
+  # The loop's wall_seconds covers only the session that finished; a resumed run's cost is the
   # sum over its sessions.
   path = os.path.join(run_dir, WALL_FILE)
-  prev = _read_json(path) or {"seconds": 0.0, "sessions": 0}
-  _write_json(path, {"seconds": prev["seconds"] + seconds, "sessions": prev["sessions"] + 1})
-
-
-def _trainer_for(config):
-  """As launch.py dispatches: a `finetune` section fine-tunes, anything else pretrains/distills."""
-  if "finetune" in config:
-    from mbert_jax.finetune import trainer
-    return trainer.finetune_and_evaluate
-  from mbert_jax import train
-  return train.train_and_evaluate
+  prev = read_json_if_any(path) or {"seconds": 0.0, "sessions": 0}
+  workdir_lib.write_json(path, {"seconds": prev["seconds"] + seconds,
+                                "sessions": prev["sessions"] + 1}, all_processes=True)
 
 
 def run_one(run: Run, sweepdir: str, log=print) -> dict | None:
   """Runs (or resumes, or skips) one run; returns its report, None if it was already done."""
   run_dir = os.path.join(os.path.abspath(sweepdir), run.name)
   config = resolve(run, sweepdir)
-  _check_same_config(run, run_dir, config)  # again: a set-up run may have just written it
-  if os.path.exists(os.path.join(run_dir, DONE_FILE)):
+  _check_identity(run, run_dir, config)  # again: another process may have started it since
+  changes = changes_since_finished(run_dir, config)
+  if changes == []:
     log(f"[{run.name}] finished earlier in {run_dir}; skipping")
     return None
+  if changes:
+    log(f"[{run.name}] finished earlier in {run_dir} with another config "
+        f"({'; '.join(changes[:3])}); resuming")
   os.makedirs(run_dir, exist_ok=True)
   error_path = os.path.join(run_dir, ERROR_FILE)
   if os.path.exists(error_path):
     os.remove(error_path)
   log(f"[{run.name}] running in {run_dir}")
+  from mbert_jax import train
   t0 = time.time()
   try:
-    return _trainer_for(config)(config, run_dir)
+    return train.run_config(config, run_dir)
   except Exception:
     with open(error_path, "w") as f:
       f.write(traceback.format_exc())
@@ -569,287 +540,6 @@ def emit(sweep_file: SweepFile, sweepdir: str, only: Sequence[str] | None = None
   return lines
 
 
-# ============================================================================ results
-
-COLUMNS = ("name", "strategy", "variant", "status", "steps", "mlm_accuracy", "mlm_loss",
-           "teacher_agreement", "train_loss", "wall_seconds")
-_HEADERS = {"name": "run", "strategy": "strategy", "variant": "variant", "status": "status",
-            "steps": "steps", "mlm_accuracy": "held-out MLM acc", "mlm_loss": "eval MLM loss",
-            "teacher_agreement": "teacher agreement", "train_loss": "final train loss",
-            "wall_seconds": "wall (s)"}
-
-
-def _number(value: Any) -> float | None:
-  try:
-    f = float(value)  # metrics.jsonl stores non-finite values as strings ("nan", "inf")
-  except (TypeError, ValueError):
-    return None
-  return f
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-  """Rows of metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
-  rows = []
-  try:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        if isinstance(row, dict) and "step" in row:
-          rows.append(row)
-  except FileNotFoundError:
-    pass
-  return rows
-
-
-def series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
-  """(steps, values) of `key`; a resumed run logs some steps twice, the later row wins."""
-  by_step: dict[int, float] = {}
-  for row in rows:
-    if key in row:
-      v = _number(row[key])
-      if v is not None:
-        by_step[int(row["step"])] = v
-  steps = sorted(by_step)
-  return steps, [by_step[s] for s in steps]
-
-
-def _last_eval(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-  best_step, out = -1, {}
-  for row in rows:
-    if "eval/mlm_accuracy" in row and int(row["step"]) >= best_step:
-      best_step = int(row["step"])
-      out = {k: _number(v) for k, v in row.items() if k.startswith("eval/")}
-  return out
-
-
-def stage_boundaries(run_dir: str) -> list[tuple[int, str]]:
-  """(start step, stage name) of each stage after the first, from the run's saved config."""
-  config = _read_json(os.path.join(run_dir, "config.json"))
-  if not config or "schedule" not in config:
-    return []
-  layers = (_read_json(os.path.join(run_dir, "model_config.json")) or {}).get(
-      "num_hidden_layers", config.get("model", {}).get("num_hidden_layers"))
-  from mbert_jax import schedule as schedule_lib
-  try:
-    stages = schedule_lib.build_schedule(config["schedule"], int(layers))
-  except (ValueError, TypeError, KeyError):
-    return []
-  out, start = [], 0
-  for s in stages[:-1]:
-    start += s.steps
-    out.append((start, stages[len(out) + 1].name))
-  return out
-
-
-def collect(sweepdir: str) -> tuple[list[dict], list[dict]]:
-  """(rows of the runs, rows of the set-up runs) from the sweep dir: the manifest's runs in
-  order, else every subdirectory holding a run."""
-  sweepdir = os.path.abspath(sweepdir)
-  manifest = _read_json(os.path.join(sweepdir, MANIFEST))
-  if manifest:
-    entries = manifest["runs"]
-  elif os.path.isdir(sweepdir):
-    entries = [{"name": d, "variant": DEFAULT_VARIANT, "setup": False}
-               for d in sorted(os.listdir(sweepdir))
-               if any(os.path.exists(os.path.join(sweepdir, d, f))
-                      for f in (DONE_FILE, "metrics.jsonl", "config.json"))]
-  else:
-    raise SweepError(f"sweep dir {sweepdir} does not exist")
-  if not entries:
-    raise SweepError(f"{sweepdir} holds no sweep manifest ({MANIFEST}) and no run directories")
-  runs, setup = [], []
-  for e in entries:
-    run_dir = os.path.join(sweepdir, e["name"])
-    final = _read_json(os.path.join(run_dir, DONE_FILE))
-    rows = read_metrics(run_dir)
-    config = _read_json(os.path.join(run_dir, "config.json")) or {}
-    # A run resumed at its last step writes final.json without evaluating again; its last
-    # evaluation is then in metrics.jsonl.
-    ev = (final or {}).get("eval") or _last_eval(rows)
-    steps, losses = series(rows, "loss")
-    wall = (_read_json(os.path.join(run_dir, WALL_FILE)) or {}).get("seconds")
-    if wall is None and final:
-      wall = final.get("wall_seconds")
-    if final:
-      status = final.get("status", "completed")
-    elif os.path.exists(os.path.join(run_dir, ERROR_FILE)):
-      status = "failed"
-    elif rows or config:
-      status = "incomplete"
-    else:
-      status = "pending"
-    row = {
-        "name": e["name"],
-        "strategy": e.get("strategy") or config.get("schedule", {}).get("name", ""),
-        "variant": e.get("variant", DEFAULT_VARIANT),
-        "status": status,
-        "steps": (final or {}).get("step", steps[-1] if steps else None),
-        "mlm_accuracy": ev.get("eval/mlm_accuracy"),
-        "mlm_loss": ev.get("eval/mlm_loss"),
-        "teacher_agreement": ev.get("eval/teacher_agreement"),
-        "teacher_mlm_accuracy": ev.get("eval/teacher_mlm_accuracy"),
-        "train_loss": losses[-1] if losses else None,
-        "wall_seconds": wall,
-    }
-    (setup if e.get("setup") else runs).append(row)
-  return runs, setup
-
-
-def _fmt(value: Any, key: str) -> str:
-  if value is None:
-    return ""
-  if key == "wall_seconds":
-    return f"{value:.0f}"
-  if isinstance(value, float):
-    return f"{value:.4f}"
-  return str(value)
-
-
-def write_table(sweepdir: str, runs: Sequence[dict], setup: Sequence[dict]) -> None:
-  csv_path = os.path.join(sweepdir, "results.csv")
-  with open(csv_path + ".tmp", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(COLUMNS)
-    for r in runs:
-      w.writerow(["" if r[c] is None else r[c] for c in COLUMNS])
-  os.replace(csv_path + ".tmp", csv_path)
-
-  lines = [f"# Sweep results: {os.path.basename(os.path.normpath(sweepdir))}", ""]
-  teacher_acc = next((r["teacher_mlm_accuracy"] for r in runs
-                      if r.get("teacher_mlm_accuracy") is not None), None)
-  if teacher_acc is not None:
-    lines.append(f"Teacher held-out MLM accuracy on the same eval batches: {teacher_acc:.4f}")
-  for s in setup:
-    lines.append(f"Set-up run `{s['name']}`: {s['status']}, {s['steps']} steps, held-out MLM "
-                 f"accuracy {_fmt(s['mlm_accuracy'], 'mlm_accuracy') or 'n/a'}")
-  if len(lines) > 2:
-    lines.append("")
-  lines.append("| " + " | ".join(_HEADERS[c] for c in COLUMNS) + " |")
-  lines.append("|" + "|".join("---" if c in ("name", "strategy", "variant", "status") else "---:"
-                              for c in COLUMNS) + "|")
-  for r in runs:
-    lines.append("| " + " | ".join(_fmt(r[c], c) for c in COLUMNS) + " |")
-  lines += ["", "Held-out MLM accuracy and loss: the last evaluation on the held-out split. "
-            "Teacher agreement: fraction of masked positions where student and teacher predict "
-            "the same token (empty without a teacher). Final train loss: the run's total "
-            "objective at its last logged step, so it differs in composition between strategies. "
-            "Wall: summed over every session of the run.", ""]
-  md_path = os.path.join(sweepdir, "results.md")
-  with open(md_path + ".tmp", "w") as f:
-    f.write("\n".join(lines))
-  os.replace(md_path + ".tmp", md_path)
-
-
-def _pyplot():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
-def plot_loss_curves(sweepdir: str, runs: Sequence[dict], path: str) -> str:
-  """One panel per run (stage layouts differ): train loss vs step on a log axis, dashed lines
-  where a stage begins, the PD/final stage shaded."""
-  plt = _pyplot()
-  n = max(len(runs), 1)
-  cols = min(4, n)
-  rows_n = math.ceil(n / cols)
-  fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
-  for ax in axes.flat[n:]:
-    ax.axis("off")
-  for ax, r in zip(axes.flat, runs):
-    run_dir = os.path.join(sweepdir, r["name"])
-    steps, values = series(read_metrics(run_dir), "loss")
-    finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
-    if finite:
-      ax.plot([s for s, _ in finite], [v for _, v in finite], lw=1.2, color="C0")
-      low, high = min(v for _, v in finite), max(v for _, v in finite)
-      # KT stages and PD differ by orders of magnitude; a log axis keeps both readable.
-      if low > 0 and high / low > 20:
-        ax.set_yscale("log")
-    else:
-      ax.text(0.5, 0.5, f"no logged loss ({r['status']})", ha="center", va="center",
-              transform=ax.transAxes)
-    bounds = stage_boundaries(run_dir)
-    for start, _ in bounds:
-      ax.axvline(start, color="0.45", ls="--", lw=0.8)
-    if bounds:
-      end = max(steps[-1] if steps else 0, bounds[-1][0])
-      ax.axvspan(bounds[-1][0], end, color="C1", alpha=0.08, lw=0)
-      if len(bounds) <= 3:
-        for start, name in bounds:
-          ax.annotate(name, (start, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
-                      textcoords="offset points", fontsize=7, color="0.3")
-    title = r["name"] if r["variant"] in ("", DEFAULT_VARIANT) else f"{r['name']} ({r['variant']})"
-    stages = f"{len(bounds) + 1} stages" if bounds else "1 stage" if finite else r["status"]
-    ax.set_title(f"{title}\n{r['strategy']}, {stages}", fontsize=9)
-    ax.set_xlabel("step", fontsize=8)
-    ax.set_ylabel("train loss", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3, which="both")
-  fig.suptitle("Train loss per run (dashed: stage boundaries; shaded: last stage)", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
-
-
-def plot_final_accuracy(runs: Sequence[dict], path: str) -> str:
-  plt = _pyplot()
-  strategies = list(dict.fromkeys(r["strategy"] for r in runs))
-  colors = {s: f"C{i % 10}" for i, s in enumerate(strategies)}
-  fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(runs) + 3), 4))
-  xs = range(len(runs))
-  accs = [r["mlm_accuracy"] if r["mlm_accuracy"] is not None else 0.0 for r in runs]
-  bars = ax.bar(xs, accs, color=[colors[r["strategy"]] for r in runs])
-  for bar, r in zip(bars, runs):
-    label = "n/a" if r["mlm_accuracy"] is None else f"{r['mlm_accuracy']:.3f}"
-    ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
-  teacher = next((r["teacher_mlm_accuracy"] for r in runs
-                  if r.get("teacher_mlm_accuracy") is not None), None)
-  if teacher is not None:
-    ax.axhline(teacher, color="k", ls=":", lw=1, label=f"teacher {teacher:.3f}")
-  ax.set_xticks(list(xs))
-  ax.set_xticklabels([r["name"] for r in runs], rotation=30, ha="right", fontsize=8)
-  ax.set_ylabel("held-out MLM accuracy")
-  ax.set_title("Final held-out MLM accuracy by strategy (equal total steps)", fontsize=10)
-  handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in strategies]
-  labels = list(strategies)
-  if teacher is not None:
-    handles.append(ax.get_lines()[0])
-    labels.append(f"teacher {teacher:.3f}")
-  ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-  ax.grid(axis="y", alpha=0.3)
-  top = max(accs + ([teacher] if teacher is not None else []) + [1e-3])
-  ax.set_ylim(0, top * 1.15)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
-
-
-def report_paths(sweepdir: str) -> dict[str, str]:
-  sweepdir = os.path.abspath(sweepdir)
-  return {k: os.path.join(sweepdir, f) for k, f in (
-      ("csv", "results.csv"), ("md", "results.md"), ("loss_curves", "loss_curves.png"),
-      ("final_accuracy", "final_accuracy.png"))}
-
-
-def write_report(sweepdir: str) -> dict[str, str]:
-  """(Re)builds results.csv, results.md, loss_curves.png and final_accuracy.png."""
-  sweepdir = os.path.abspath(sweepdir)
-  paths = report_paths(sweepdir)
-  runs, setup = collect(sweepdir)
-  write_table(sweepdir, runs, setup)
-  plot_loss_curves(sweepdir, runs, paths["loss_curves"])
-  plot_final_accuracy(runs, paths["final_accuracy"])
-  return paths
-
-
 # ============================================================================ command line
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -870,26 +560,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return a
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  a = parse_args(argv)
+def _paths_lines(paths: Mapping[str, str]) -> list[str]:
+  return [f"{k}: {v}" for k, v in paths.items()]
+
+
+def _dispatch(a: argparse.Namespace) -> int:
+  if a.report:
+    print("\n".join(_paths_lines(write_report(a.workdir))), flush=True)
+    return 0
+  sweep_file = SweepFile(a.sweep)
   only = [n.strip() for n in a.only.split(",") if n.strip()]
-  try:
-    if a.report:
-      paths = write_report(a.workdir)
-      print("\n".join(f"{k}: {v}" for k, v in paths.items()))
-      return 0
-    sweep_file = SweepFile(a.sweep)
-    if a.emit:
-      print("\n".join(emit(sweep_file, a.workdir, only)), flush=True)
-      return 0
-    statuses = run_sweep(sweep_file, a.workdir, only)
-    paths = report_paths(a.workdir)
-  except (ValueError, FileNotFoundError) as e:  # SweepError, bad sweep args, bad set-up config
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
+  if a.emit:
+    print("\n".join(emit(sweep_file, a.workdir, only)), flush=True)
+    return 0
+  statuses = run_sweep(sweep_file, a.workdir, only)
   print("\n".join([f"  {name:<20} {status}" for name, status in statuses.items()]
-                  + [f"{k}: {v}" for k, v in paths.items()]), flush=True)
+                  + _paths_lines(report_paths(a.workdir))), flush=True)
   return 1 if "failed" in statuses.values() else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """0: done; 1: some run failed (recorded, the sweep went on); 2: a known error (bad sweep
+  file, run or sweep dir), one line on stderr; 3: a set-up run stopped on non-finite losses."""
+  a = parse_args(argv)
+  try:
+    return cli.guarded(_dispatch, a)
+  except SystemExit as e:  # cli.guarded ends known errors so; callers (and tests) get the code
+    return e.code if isinstance(e.code, int) else cli.USAGE_EXIT
 
 
 if __name__ == "__main__":

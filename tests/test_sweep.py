@@ -1,5 +1,6 @@
 """Sweeps: axis helpers, sweep files, emitted launch.py commands, and a tiny real sweep that
-runs, reports, resumes without redoing finished runs and refuses a changed config."""
+runs, reports (also without jax), resumes without redoing finished runs, refuses a changed
+config and extends a finished run whose final stage grew."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -16,6 +19,7 @@ from ml_collections import config_flags
 
 from mbert_jax import schedule as schedule_lib
 from mbert_jax import sweep as sw
+from mbert_jax import sweep_report as rep
 
 # config_flags loads config files with a loader method Python deprecates; not ours to change.
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
@@ -144,6 +148,11 @@ def test_sweep_file_with_auto_names_and_tuples_round_trips(tmp_path, monkeypatch
 @pytest.mark.parametrize("body, message", [
     ("def get_sweep(arg=None): return [{'name': 'a', 'schedule.nmae': 'pkt'}]",
      "'schedule.nmae' is not a field of the base config"),
+    ("def get_sweep(arg=None): return [{'name': 'a', 'schedule.nmae': 'pkt'}]",
+     "did you mean schedule.name?"),
+    # Distillation stages take their learning rate from schedule.*, not train.*.
+    ("def get_sweep(arg=None): return [{'name': 'a', 'train.learning_rate': 1e-3}]",
+     "did you mean schedule.learning_rate?"),
     ("def get_sweep(arg=None): return [{'name': 'a', 'train.steps': 'many'}]",
      "cannot set train.steps='many'"),
     ("def get_sweep(arg=None): return [{'name': 'a', 'train.steps': None}]",
@@ -189,7 +198,7 @@ def test_stage_boundaries_follow_the_saved_schedule(tmp_path):
     os.makedirs(os.path.join(sweepdir, name))
     with open(os.path.join(sweepdir, name, "config.json"), "w") as f:
       json.dump(sw.resolve(runs[name], sweepdir).to_dict(), f, default=str)
-    assert sw.stage_boundaries(os.path.join(sweepdir, name)) == want, name
+    assert rep.stage_boundaries(os.path.join(sweepdir, name)) == want, name
 
 
 # ============================================================================ a real tiny sweep
@@ -200,12 +209,12 @@ class _Spy:
   def __init__(self, monkeypatch):
     from mbert_jax import train
     self.calls: list[str] = []
-    real = train.train_and_evaluate
+    real = train.run_config
 
     def spy(config, workdir):
       self.calls.append(os.path.basename(workdir))
       return real(config, workdir)
-    monkeypatch.setattr(train, "train_and_evaluate", spy)
+    monkeypatch.setattr(train, "run_config", spy)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +246,7 @@ def test_tiny_sweep_runs_setup_then_selected_runs(tiny_sweep):
 def test_results_table_and_plots(tiny_sweep):
   sweepdir = tiny_sweep[0]
   rows = _rows(sweepdir)
-  assert tuple(rows[0].keys()) == sw.COLUMNS
+  assert tuple(rows[0].keys()) == rep.COLUMNS
   assert [r["name"] for r in rows] == list(KT_RUNS)
   by_name = {r["name"]: r for r in rows}
   for name in ("akt", "scratch"):
@@ -272,6 +281,31 @@ def test_report_mode_rebuilds_from_disk(tiny_sweep, capsys):
   assert os.path.exists(os.path.join(sweepdir, "loss_curves.png"))
 
 
+def test_report_needs_no_jax(tiny_sweep):
+  """`--report` runs where no accelerator stack is installed: the CLI, run as a module in a
+  fresh interpreter, rebuilds the table without importing jax."""
+  sweepdir = tiny_sweep[0]
+  before = open(os.path.join(sweepdir, "results.csv")).read()
+  os.remove(os.path.join(sweepdir, "results.csv"))
+  script = textwrap.dedent("""
+      import runpy, sys
+      sys.argv = ["mbert_jax.sweep", "--report", "--workdir=" + sys.argv[1]]
+      try:
+        runpy.run_module("mbert_jax.sweep", run_name="__main__", alter_sys=True)
+      except SystemExit as e:
+        code = e.code
+      heavy = sorted(m for m in sys.modules
+                     if m.split(".")[0] in ("jax", "jaxlib", "flax", "optax"))
+      print("heavy:", heavy)
+      sys.exit(code)
+      """)
+  out = subprocess.run([sys.executable, "-c", script, sweepdir], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert "heavy: []" in out.stdout, out.stdout
+  assert open(os.path.join(sweepdir, "results.csv")).read() == before
+
+
 def test_rerun_resumes_only_the_unfinished_run(tiny_sweep, monkeypatch):
   sweepdir = tiny_sweep[0]
   finished = {n: os.path.getmtime(os.path.join(sweepdir, n, "final.json"))
@@ -286,7 +320,7 @@ def test_rerun_resumes_only_the_unfinished_run(tiny_sweep, monkeypatch):
     assert os.path.getmtime(os.path.join(sweepdir, n, "final.json")) == mtime, n
   final = json.load(open(os.path.join(sweepdir, "scratch", "final.json")))
   assert final["status"] == "completed" and final["step"] == 6
-  logged = [r["step"] for r in sw.read_metrics(os.path.join(sweepdir, "scratch")) if "loss" in r]
+  logged = [r["step"] for r in rep.read_metrics(os.path.join(sweepdir, "scratch")) if "loss" in r]
   assert logged.count(4) == 1 and logged.count(5) == 2  # steps 5-6 trained again from step 4
   wall = json.load(open(os.path.join(sweepdir, "scratch", sw.WALL_FILE)))
   assert wall["sessions"] == 2
@@ -296,7 +330,27 @@ def test_rerun_resumes_only_the_unfinished_run(tiny_sweep, monkeypatch):
 def test_changed_config_is_refused_before_anything_is_written(tiny_sweep, capsys):
   sweepdir = tiny_sweep[0]
   manifest = open(os.path.join(sweepdir, sw.MANIFEST)).read()
-  assert sw.main([f"--sweep={KT}:tiny,distill_steps=3", f"--workdir={sweepdir}",
+  # steps_per_layer is part of every student's identity (a longer final stage is not: see
+  # the next test).
+  assert sw.main([f"--sweep={KT}:tiny,steps_per_layer=3", f"--workdir={sweepdir}",
                   "--only=akt"]) == 2
-  assert "holds a run of a different config" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "holds a run of a different config" in err
+  assert "schedule.steps_per_layer: 2 in the workdir, 3 now" in err
+  assert len(err.strip().splitlines()) == 1 and err.startswith("error: run 'akt'")
   assert open(os.path.join(sweepdir, sw.MANIFEST)).read() == manifest
+
+
+def test_a_longer_final_stage_extends_a_finished_run(tiny_sweep, monkeypatch):
+  """The loop resumes a checkpoint under a longer final stage, so the sweep re-opens a finished
+  run whose config asks for one instead of reporting its old result."""
+  sweepdir = tiny_sweep[0]
+  spy = _Spy(monkeypatch)
+  assert sw.main([f"--sweep={KT}:tiny,distill_steps=3", f"--workdir={sweepdir}",
+                  "--only=akt"]) == 0
+  assert spy.calls == ["akt"]  # the teacher's config did not change: still skipped
+  final = json.load(open(os.path.join(sweepdir, "akt", "final.json")))
+  assert final["status"] == "completed" and final["step"] == 7
+  logged = [r["step"] for r in rep.read_metrics(os.path.join(sweepdir, "akt")) if "loss" in r]
+  assert logged[-1] == 7 and logged.count(6) == 1  # resumed at step 6, not trained again
+  assert {r["name"]: r["steps"] for r in _rows(sweepdir)}["akt"] == "7"
