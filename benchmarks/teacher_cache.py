@@ -3,7 +3,8 @@
     python benchmarks/teacher_cache.py [--smoke] [--batch=8] [--seq=128] [--predictions=20]
         [--k=64] [--rounds=3]
 
-One process, alternating rounds (a busy machine hurts both alike), on the same batch:
+One process, alternating rounds (a busy machine hurts both alike), on the same batch; the
+ratio is printed from the medians and from the fastest round of each:
   online   the PD step as the loop runs it today: IB-BERT-large forward (no gradient) and
            MobileBERT forward + backward with the full-vocabulary KD term
            (`losses.distillation_mlm_loss`), MLM + NSP terms, LAMB update;
@@ -41,6 +42,7 @@ from common import synthetic_batch  # noqa: E402
 from mbert_jax import losses, optim, schedule, sharding  # noqa: E402
 from mbert_jax import teacher_cache as tc  # noqa: E402
 from mbert_jax.models import build, preset  # noqa: E402
+from mbert_jax.models.summary import forward_flops  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -203,6 +205,15 @@ def main(argv=None) -> None:
   print(f"PD step, median of {args.rounds} alternating rounds: online {online_s:.3f} s, cached "
         f"{cached_s:.3f} s (of which reading the shard {statistics.median(read_times) * 1e3:.1f} "
         f"ms) = {cached_s / online_s:.3f}x the online step (aim <= 0.35x)")
+  student_flops = 3 * forward_flops(s_cfg, args.seq, None, args.predictions, heads=True)
+  teacher_flops = forward_flops(t_cfg, args.seq, None, args.predictions, heads=True)
+  analytic = student_flops / (student_flops + teacher_flops)
+  print(f"analytic matmul FLOPs: cached / online = {analytic:.3f} (student forward + backward "
+        f"{student_flops / 1e9:.3g} GFLOP per sequence, teacher forward "
+        f"{teacher_flops / 1e9:.3g})")
+  fastest = {n: min(times[n]) for n in times}
+  print(f"fastest rounds (least disturbed by other jobs): online {fastest['online']:.3f} s, "
+        f"cached {fastest['cached']:.3f} s = {fastest['cached'] / fastest['online']:.3f}x")
   print(f"cache: {on_disk:,.0f} bytes per sequence in the shard files, {raw:,} raw "
         f"(aim <= 8,192 at 20 predictions)")
 
