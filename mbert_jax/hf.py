@@ -250,8 +250,10 @@ def _infer_model_type(hf_cfg: Mapping[str, Any], sd: Mapping[str, Any], where: P
 
 
 @functools.lru_cache(maxsize=4)
-def _fresh_params(cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """Our init of the whole model, flattened; cached because init compiles (callers copy)."""
+def _fresh_params(cfg: ModelConfig, paths: tuple[str, ...]) -> dict[str, np.ndarray]:
+  """Our init of the listed parameters (flattened paths); cached because init compiles
+  (callers copy). Only they leave the jitted init, so XLA skips drawing the rest: a headless
+  encoder's heads come without initialising its whole encoder."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -260,9 +262,13 @@ def _fresh_params(cfg: ModelConfig) -> dict[str, np.ndarray]:
   from mbert_jax.models import build
   model = build(cfg)
   ids = jnp.zeros((1, 2), jnp.int32)
-  init = jax.jit(lambda key: model.init(key, ids, masked_positions=jnp.zeros((1, 1), jnp.int32)))
-  params = nn.unbox(init(jax.random.key(FRESH_INIT_SEED))["params"])
-  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+
+  def init(key):
+    params = nn.unbox(model.init(key, ids, masked_positions=jnp.zeros((1, 1), jnp.int32))["params"])
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {p: flat[p] for p in paths}
+
+  return {k: np.asarray(v) for k, v in jax.jit(init)(jax.random.key(FRESH_INIT_SEED)).items()}
 
 
 def _expected_hf_shape(entry: _Entry, ours_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -452,7 +458,7 @@ def import_model(path: str | os.PathLike) -> Imported:
   if unmapped:  # the table and the model disagree: a bug here, not in the checkpoint
     raise AssertionError(f"mbert_jax.hf has no Hugging Face name for {unmapped}")
   if absent:
-    fresh = _fresh_params(cfg)
+    fresh = _fresh_params(cfg, tuple(sorted(absent)))
     for p in absent:
       flat[p] = fresh[p].copy()
     warnings.warn(

