@@ -1,43 +1,149 @@
-"""Export a run's checkpoint for other tools.
+"""Export a run's checkpoint for other tools: pretraining, distillation and fine-tuning runs.
 
     python -m mbert_jax.export --workdir=<run dir> --format=hf --out=<dir> [--step=N]
     python -m mbert_jax.export --workdir=<run dir> --format=flax --out=<dir>
+    python -m mbert_jax.export --workdir=<run dir> --format=onnx [--quantize=int8] --out=<dir>
+
+The kind of model follows the run: a pretraining or distillation run exports the MLM + NSP
+model, a GLUE fine-tuning run (task.json kind=glue) the sequence classifier (1 output for
+STS-B: regression), a SQuAD run the span extractor.
 
 `hf`: a Hugging Face directory (config.json, model.safetensors, tokenizer files) that
-`transformers` loads as `MobileBertForPreTraining` and `AutoModel`. A model Hugging Face cannot
-represent (the IB-BERT teacher) is refused with the reason. `flax`: `model_config.json` +
-`params.safetensors` (flattened '/' keys) + tokenizer files, read back by `load_flax`.
+`transformers` loads as `MobileBertForPreTraining` / `MobileBertForSequenceClassification` /
+`MobileBertForQuestionAnswering`, labels and problem type in config.json. `flax`:
+`model_config.json` + `params.safetensors` (flattened '/' keys) + tokenizer files, read back
+by `load_flax`. `onnx`: `model.onnx` (dynamic batch and sequence axes; int8 with
+`--quantize=int8`), `onnx_io.json` (input/output names and shapes) and tokenizer files (see
+`mbert_jax.onnx_export`). A model Hugging Face cannot represent (the IB-BERT teacher) is
+refused for hf and onnx with the reason.
+
+Every export also writes README.md (a model card: architecture, parameter count, the run it
+came from, its evaluation figures) and, for fine-tuned models, task.json (labels, sequence
+length and decoding settings), which `python -m mbert_jax.predict` reads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 from typing import Any
 
-import jax
 import numpy as np
 from flax import traverse_util
 
-from mbert_jax.models import ModelConfig
+from mbert_jax.models import PRESETS, ModelConfig
+
+FORMATS = ("hf", "flax", "onnx")
+QUANTIZATIONS = ("none", "int8")
+CARD_FILE = "README.md"
+TASK_FILE = "task.json"  # in an export: what `predict` needs to encode inputs and read outputs
+HEADS = {None: "pretraining", "glue": "classification", "squad": "question_answering"}
+# SQuAD decoding settings a fine-tuning config may leave out (the trainer's defaults).
+_SQUAD_DECODING = {"doc_stride": 128, "max_query_length": 64, "max_answer_length": 30,
+                   "n_best_size": 20, "null_score_diff_threshold": 0.0}
+
+
+# ---------------------------------------------------------------------------- reading a run
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """Everything an export needs from a workdir; params are numpy."""
+  workdir: str
+  model_config: ModelConfig
+  params: Any
+  step: int
+  head: str                  # pretraining | classification | question_answering
+  task: dict | None          # the fine-tuning run's task.json
+  config: dict               # the run's config.json ({} when absent)
+  report: dict | None        # final.json, when the run finished
+  tokenizer_dir: str | None
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _read_json_if_any(path: str) -> Any:
+  return _read_json(path) if os.path.isfile(path) else None
+
+
+def _model_config(workdir: str) -> ModelConfig:
+  path = os.path.join(workdir, "model_config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} is not an mbert-jax run directory (no model_config.json)")
+  return ModelConfig.from_dict(_read_json(path))
+
+
+def head_of(task: dict | None) -> str:
+  kind = None if task is None else task.get("kind")
+  if kind not in HEADS:
+    raise ValueError(f"task.json has kind={kind!r}; expected glue or squad")
+  return HEADS[kind]
+
+
+def _checkpoint_dir(workdir: str) -> str:
+  d = os.path.join(workdir, "checkpoints")
+  steps = [n for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+  if not steps:
+    raise FileNotFoundError(f"{workdir} has no checkpoint to export ({d} "
+                            f"{'holds no saved step' if os.path.isdir(d) else 'does not exist'});"
+                            " run training until it saves one")
+  return d
+
+
+def _model_of(cfg: ModelConfig, head: str, task: dict | None):
+  from mbert_jax.models import build, build_classifier, build_span_extractor
+  if head == "classification":
+    return build_classifier(cfg, int(task["num_labels"]), 0.0)
+  if head == "question_answering":
+    return build_span_extractor(cfg)
+  return build(cfg)
+
+
+def _init_args(cfg: ModelConfig, head: str) -> tuple[tuple, dict]:
+  import jax.numpy as jnp
+  ids = jnp.zeros((1, min(8, cfg.max_position_embeddings)), jnp.int32)
+  if head == "pretraining":
+    return (ids,), {"masked_positions": jnp.zeros((1, 1), jnp.int32)}
+  return (ids, ids, jnp.ones_like(ids)), {}
+
+
+def _restore(workdir: str, cfg: ModelConfig, head: str, task: dict | None,
+             step: int | None) -> tuple[Any, int]:
+  import jax
+
+  from mbert_jax import checkpoint as ckpt_lib
+  from mbert_jax import sharding
+  ckpt_dir = _checkpoint_dir(workdir)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  args, kwargs = _init_args(cfg, head)
+  _, abstract, shardings = sharding.abstract_model_params(_model_of(cfg, head, task), args, mesh,
+                                                          sharding.DEFAULT_RULES, **kwargs)
+  params, at = ckpt_lib.restore_params_only(ckpt_dir, sharding.with_shardings(abstract, shardings),
+                                            step)
+  return jax.tree.map(np.asarray, params), at
+
+
+def read_run(workdir: str, step: int | None = None) -> Run:
+  """The run's model, params (latest good checkpoint by default), task and reports."""
+  cfg = _model_config(workdir)
+  task = _read_json_if_any(os.path.join(workdir, "task.json"))
+  head = head_of(task)
+  params, at = _restore(workdir, cfg, head, task, step)
+  return Run(workdir=workdir, model_config=cfg, params=params, step=at, head=head, task=task,
+             config=_read_json_if_any(os.path.join(workdir, "config.json")) or {},
+             report=_read_json_if_any(os.path.join(workdir, "final.json")),
+             tokenizer_dir=tokenizer_dir_of(workdir))
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any, int]:
-  """Model config and params (numpy) of an mbert-jax run's checkpoint (latest good by default)."""
-  from mbert_jax import checkpoint as ckpt_lib
-  cfg_path = os.path.join(workdir, "model_config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"{workdir} is not an mbert-jax run directory (no model_config.json)")
-  with open(cfg_path) as f:
-    cfg = ModelConfig.from_dict(json.load(f))
-  from mbert_jax import sharding
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  _, abstract, shardings = sharding.abstract_params(cfg, mesh, sharding.DEFAULT_RULES)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
-  params, at = ckpt_lib.restore_params_only(os.path.join(workdir, "checkpoints"), target, step)
-  return cfg, jax.tree.map(np.asarray, params), at
+  """Model config and params (numpy) of an mbert-jax run's checkpoint (latest good by default);
+  a fine-tuning run gives its classifier's or span extractor's params."""
+  run = read_run(workdir, step)
+  return run.model_config, run.params, run.step
 
 
 def tokenizer_dir_of(workdir: str) -> str | None:
@@ -45,6 +151,7 @@ def tokenizer_dir_of(workdir: str) -> str | None:
   return d if os.path.isdir(d) else None
 
 
+# ---------------------------------------------------------------------------- flax format
 def save_flax(cfg: ModelConfig, params: Any, out: str, tokenizer_dir: str | None = None) -> None:
   from safetensors.numpy import save_file
   os.makedirs(out, exist_ok=True)
@@ -74,36 +181,253 @@ def _copy_tokenizer(tokenizer_dir: str | None, out: str) -> None:
       shutil.copy(src, os.path.join(out, name))
 
 
-def export(workdir: str, fmt: str, out: str, step: int | None = None) -> dict[str, Any]:
-  if fmt not in ("hf", "flax"):
-    raise ValueError(f"--format={fmt!r}: choose hf or flax")
-  cfg, params, at = load_run(workdir, step)
-  tok = tokenizer_dir_of(workdir)
+# ---------------------------------------------------------------------------- task metadata
+def export_task_info(run: Run) -> dict[str, Any] | None:
+  """task.json of an export: the fine-tuning task plus what inference needs to reproduce the
+  run's input encoding (sequence length, casing) and SQuAD decoding."""
+  if run.task is None:
+    return None
+  t, c = run.task, run.config
+  out = {"head": run.head, "kind": t["kind"], "task": t["task"],
+         "num_labels": int(t["num_labels"]), "label_names": list(t.get("label_names") or []),
+         "max_seq_length": int(t["max_seq_length"]),
+         "lower_case": bool(c.get("data", {}).get("lower_case", True))}
+  if t["kind"] == "glue":
+    from mbert_jax.finetune.tasks import get_task
+    out["text_fields"] = list(get_task(t["task"]).text_fields)
+  else:
+    finetune = c.get("finetune", {})
+    out["squad_version"] = t.get("squad_version")
+    out.update({k: type(v)(finetune.get(k, v)) for k, v in _SQUAD_DECODING.items()})
+  return out
+
+
+# ---------------------------------------------------------------------------- model card
+def _count(tree: Any) -> int:
+  return sum(int(np.prod(np.shape(v))) for v in traverse_util.flatten_dict(tree).values())
+
+
+def _architecture_name(cfg: ModelConfig) -> str:
+  if not cfg.use_bottleneck:
+    family = "BERT-style encoder (no bottlenecks)"
+  elif not cfg.hf_representable:
+    family = "IB-BERT teacher (inverted bottlenecks)"
+  else:
+    family = "MobileBERT student (bottlenecks)"
+  # Presets match on the architecture, not on vocabulary, length or dropout.
+  fields = [f for f in ModelConfig.HF_FIELDS if f not in (
+      "vocab_size", "max_position_embeddings", "hidden_dropout_prob",
+      "attention_probs_dropout_prob", "initializer_range", "pad_token_id")]
+  for name, p in PRESETS.items():
+    if all(getattr(p, f) == getattr(cfg, f) for f in fields):
+      return f"{family}, preset `{name}`"
+  return family
+
+
+def _architecture_lines(cfg: ModelConfig) -> list[str]:
+  return [
+      f"- {_architecture_name(cfg)}",
+      f"- {cfg.num_hidden_layers} layers, block width {cfg.hidden_size}, inner width "
+      f"{cfg.true_hidden_size}, {cfg.num_attention_heads} heads, "
+      f"{cfg.num_feedforward_networks} FFN(s) of {cfg.intermediate_size}, embedding "
+      f"{cfg.embedding_size}{' (trigram)' if cfg.trigram_input else ''}",
+      f"- normalization `{cfg.normalization_type}`, activation `{cfg.hidden_act}`, vocabulary "
+      f"{cfg.vocab_size}, positions {cfg.max_position_embeddings}",
+  ]
+
+
+def _head_line(run: Run, task_info: dict | None) -> str:
+  if run.head == "pretraining":
+    return "masked-language-model and next-sentence heads (pretraining)"
+  if run.head == "question_answering":
+    return f"span extraction (start/end logits), SQuAD v{task_info.get('squad_version')}"
+  names = task_info.get("label_names") or []
+  if task_info["num_labels"] == 1:
+    return f"regression (1 output) on {task_info['task']}"
+  return (f"sequence classification on {task_info['task']}, {task_info['num_labels']} labels"
+          + (f" ({', '.join(names)})" if names else ""))
+
+
+def _get(d: Any, *path: str) -> Any:
+  for key in path:
+    if not isinstance(d, dict) or key not in d:
+      return None
+    d = d[key]
+  return d
+
+
+def _pretraining_lines(config: dict, report: dict | None, step: int | None) -> list[str]:
+  """Schedule, teacher and steps of a pretraining or distillation run, as far as recorded."""
+  lines = []
+  schedule = _get(config, "schedule", "name")
+  if schedule:
+    detail = []
+    for key in ("steps_per_layer", "distill_steps"):
+      value = _get(config, "schedule", key)
+      if value is not None:
+        detail.append(f"{key} {value}")
+    lines.append(f"- schedule `{schedule}`" + (f" ({', '.join(detail)})" if detail else ""))
+  teacher = _get(config, "teacher", "checkpoint")
+  lines.append(f"- teacher: {teacher}" if teacher else "- teacher: none (trained on labels alone)")
+  steps = (report or {}).get("step", step)
+  if steps is not None:
+    lines.append(f"- steps: {steps}")
+  source = _get(config, "data", "source")
+  if source:
+    lines.append(f"- data: {source}, batch {_get(config, 'data', 'batch_size')}, sequence "
+                 f"{_get(config, 'data', 'max_seq_length')}")
+  return lines
+
+
+def _provenance_lines(run: Run) -> list[str]:
+  if run.task is None:
+    return [f"- run: `{run.workdir}`, checkpoint step {run.step}",
+            *_pretraining_lines(run.config, run.report, run.step)]
+  train = run.config.get("train", {})
+  lines = [f"- run: `{run.workdir}`, fine-tuned on {run.task['task']} for {run.step} steps "
+           f"(batch {_get(run.config, 'data', 'batch_size')}, learning rate "
+           f"{train.get('learning_rate')}, sequence {run.task.get('max_seq_length')})"]
+  init = run.task.get("init")
+  lines.append(f"- initial model: {init or 'random initialisation'}")
+  if init and os.path.isfile(os.path.join(init, "model_config.json")):
+    # The pretraining run behind the fine-tuned model, when it is still on this disk.
+    config = _read_json_if_any(os.path.join(init, "config.json")) or {}
+    report = _read_json_if_any(os.path.join(init, "final.json"))
+    lines += ["  " + line for line in _pretraining_lines(config, report, None)]
+  return lines
+
+
+def _evaluation_lines(report: dict | None) -> list[str]:
+  figures = {k: v for k, v in ((report or {}).get("eval") or {}).items()
+             if isinstance(v, (int, float)) and math.isfinite(v)}
+  if not figures:
+    return ["No evaluation figures were recorded (the run has no final.json, or it evaluated "
+            "nothing)."]
+  rows = ["| metric | value |", "|---|---:|"]
+  rows += [f"| {k} | {v:.4f} |" for k, v in sorted(figures.items())]
+  return ["Measured by mbert-jax on the Flax model (fp32) at the end of the run:", "", *rows]
+
+
+def _usage_lines(fmt: str, head: str) -> list[str]:
+  if fmt == "hf":
+    from mbert_jax.hf import ARCHITECTURES
+    return ["```python", "import transformers",
+            f"model = transformers.{ARCHITECTURES[head]}.from_pretrained('<this directory>')",
+            "```"]
+  if head == "pretraining":
+    return [f"`mbert_jax.export.load_flax` reads a flax export; an onnx export runs in ONNX "
+            "Runtime with the inputs in `onnx_io.json`."]
+  return ["```bash", "python -m mbert_jax.predict --model=<this directory> --text='...'", "```"]
+
+
+def model_card(run: Run, fmt: str, quantize: str, files: list[str],
+               onnx_info: dict | None = None) -> str:
+  task_info = export_task_info(run)
+  title = run.task["task"] if run.task else "pretraining"
+  cfg = run.model_config
+  params = _count(run.params)
+  backbone = sum(_count(v) for k, v in run.params.items() if k in ("embeddings", "encoder"))
+  fmt_line = {"hf": "Hugging Face `transformers` directory", "flax": "plain Flax parameters",
+              "onnx": "ONNX model" + (" (int8, dynamic quantization)" if quantize == "int8"
+                                      else " (fp32)")}[fmt]
+  lines = [f"# MobileBERT family model: {title}", "",
+           f"Exported by `python -m mbert_jax.export`; format: {fmt_line}.", "",
+           "## Model", "", *_architecture_lines(cfg),
+           f"- head: {_head_line(run, task_info)}",
+           f"- parameters: {params:,} in this export ({backbone:,} in embeddings and encoder)",
+           f"- files: {', '.join(sorted(files))}", ""]
+  if onnx_info:
+    check = ", ".join(f"{k} {v:.1e}" for k, v in onnx_info["fp32_vs_pytorch_max_relative_error"]
+                      .items())
+    lines += ["## ONNX", "", f"- opset {onnx_info['opset']}, inputs "
+              f"{', '.join(i['name'] for i in onnx_info['inputs'])} (int64, [batch, sequence]), "
+              f"outputs {', '.join(o['name'] for o in onnx_info['outputs'])}",
+              f"- fp32 graph vs the PyTorch model on a padded batch, max error relative to "
+              f"each output's largest magnitude: {check}", ""]
+  lines += ["## Training", "", *_provenance_lines(run), "",
+            "## Evaluation", "", *_evaluation_lines(run.report), ""]
+  if quantize == "int8":
+    lines += ["The int8 model's own figures are not measured at export; dynamic quantization "
+              "changes logits slightly.", ""]
+  lines += ["## Use", "", *_usage_lines(fmt, run.head), ""]
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- export
+def check_request(fmt: str, quantize: str) -> None:
+  if fmt not in FORMATS:
+    raise ValueError(f"--format={fmt!r}: choose one of {', '.join(FORMATS)}")
+  if quantize not in QUANTIZATIONS:
+    raise ValueError(f"--quantize={quantize!r}: choose one of {', '.join(QUANTIZATIONS)}")
+  if quantize != "none" and fmt != "onnx":
+    raise ValueError(f"--quantize={quantize} applies to --format=onnx only")
+
+
+def export(workdir: str, fmt: str, out: str, step: int | None = None,
+           quantize: str = "none") -> dict[str, Any]:
+  check_request(fmt, quantize)
+  if not out:
+    raise ValueError("--out is empty: name the directory to write")
+  if fmt == "onnx":
+    from mbert_jax import onnx_export
+    onnx_export.require_onnx_tools()
+  if fmt in ("hf", "onnx"):
+    from mbert_jax.models import to_hf_config
+    try:
+      to_hf_config(_model_config(workdir))  # refuse the teacher before reading or writing
+    except ValueError as e:
+      route = "ONNX export goes through the Hugging Face model, and " if fmt == "onnx" else ""
+      raise ValueError(route + str(e)) from e
+  run = read_run(workdir, step)
+  cfg = run.model_config
+  if fmt in ("hf", "onnx"):
+    cfg = cfg.replace(compute_dtype="float32")
+  task_info = export_task_info(run)
+  label_names = (task_info or {}).get("label_names") or None
+  onnx_info = None
   if fmt == "hf":
     from mbert_jax import hf
-    cfg = cfg.replace(compute_dtype="float32")
-    hf.save(cfg, params, out, tokenizer_dir=tok)
+    if run.head == "pretraining":
+      hf.save(cfg, run.params, out, tokenizer_dir=run.tokenizer_dir)
+    else:
+      hf.save_task(cfg, run.params, out, head=run.head, label_names=label_names,
+                   tokenizer_dir=run.tokenizer_dir)
+  elif fmt == "flax":
+    save_flax(cfg, run.params, out, tokenizer_dir=run.tokenizer_dir)
   else:
-    save_flax(cfg, params, out, tokenizer_dir=tok)
-  return {"workdir": workdir, "step": at, "format": fmt, "out": os.path.abspath(out)}
+    from mbert_jax import onnx_export
+    onnx_info = onnx_export.export(cfg, run.params, run.head, out, quantize=quantize,
+                                   label_names=label_names)
+    with open(os.path.join(out, "model_config.json"), "w") as f:
+      json.dump(cfg.to_dict(), f, indent=1)
+    _copy_tokenizer(run.tokenizer_dir, out)
+  if task_info is not None:
+    with open(os.path.join(out, TASK_FILE), "w") as f:
+      json.dump(task_info, f, indent=1)
+  files = sorted(os.listdir(out)) + [CARD_FILE]
+  with open(os.path.join(out, CARD_FILE), "w") as f:
+    f.write(model_card(run, fmt, quantize, sorted(set(files)), onnx_info))
+  return {"workdir": workdir, "step": run.step, "format": fmt, "head": run.head,
+          "quantize": quantize, "out": os.path.abspath(out)}
 
 
 def main(argv=None):
   from absl import app, flags
-  flags.DEFINE_string("workdir", None, "an mbert-jax run directory")
-  flags.DEFINE_enum("format", "hf", ["hf", "flax"], "hf: Hugging Face directory; flax: params + config")
+
+  from mbert_jax import cli
+  # Plain strings, not enums: a wrong value gets the one-line error and exit 2 of every command.
+  flags.DEFINE_string("workdir", None, "an mbert-jax run directory (pretraining or fine-tuning)")
+  flags.DEFINE_string("format", "hf", "hf: Hugging Face directory; flax: params + config; "
+                      "onnx: one .onnx file + io names")
+  flags.DEFINE_string("quantize", "none", "none | int8 (onnx only: dynamic int8 quantization)")
   flags.DEFINE_string("out", None, "output directory")
   flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
   flags.mark_flags_as_required(["workdir", "out"])
   FLAGS = flags.FLAGS
 
   def run(_):
-    import sys
-    try:
-      info = export(FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.step)
-    except (ValueError, FileNotFoundError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+    info = cli.guarded(export, FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.step,
+                       FLAGS.quantize)
     print(json.dumps(info))
 
   app.run(run, argv)
