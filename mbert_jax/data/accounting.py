@@ -110,7 +110,7 @@ def drop_warning(accounting: dict[str, Any], splitters: list[str], max_seq_lengt
   read = accounting["tokens_read"]
   parts = ", ".join(f"{k.replace('_', ' ')} {v:,} ({v / read:.1%})"
                     for k, v in accounting["tokens_dropped"].items() if v)
-  return (f"DATA WARNING: {fraction:.1%} of {what}'s {read:,} tokens reach no training "
+  return (f"DATA WARNING: {fraction:.1%} of {what}'s {read:,} tokens reach no "
           f"example ({parts}); {accounting['examples']:,} examples = "
           f"{accounting['examples_per_million_tokens']:,.0f} per million tokens. "
           f"{drop_advice(accounting, splitters, max_seq_length, min_document_sentences)}.")

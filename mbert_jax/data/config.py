@@ -16,7 +16,8 @@ DOCUMENT_GROUPINGS = ("auto", "row", "blank_row", "wikitext")
 def default_data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Comma-separated: `builtin` (optionally `builtin:<module glob>`), local paths or globs
-  # (.txt/.text = BERT format: one sentence per line, blank line between documents; .jsonl/.json
+  # (.txt/.text: a blank line between documents, lines are sentences (BERT's format) or
+  # paragraphs / whole articles (see sentence_splitter); .jsonl/.json
   # = one JSON object per line; .parquet), or hub datasets `path[:config][@split]`.
   c.source = "builtin"
   c.text_field = "text"  # JSONL / Parquet / hub column holding a document's text

@@ -85,15 +85,15 @@ def _require_usable(raw: datasets.Dataset, rows: np.ndarray, what: str) -> None:
 class _RawCorpus:
   """Raw documents of one source list, read once on first use, in a staging directory."""
 
-  def __init__(self, srcs: list[sources_lib.Source], cfg, staging: str, what: str,
-               splitters: list[str]):
-    self._sources, self._cfg, self._staging, self._what = srcs, cfg, staging, what
+  def __init__(self, srcs: list[sources_lib.Source], settings: dict[str, Any], staging: str,
+               what: str, splitters: list[str]):
+    self._sources, self._settings, self._staging, self._what = srcs, settings, staging, what
     self._splitters = splitters
     self._ds: datasets.Dataset | None = None
 
   def dataset(self) -> datasets.Dataset:
     if self._ds is None:
-      self._ds = sources_lib.load_raw_documents(self._sources, reading_settings(self._cfg),
+      self._ds = sources_lib.load_raw_documents(self._sources, self._settings,
                                                 self._staging, self._splitters)
       _require_usable(self._ds, np.arange(len(self._ds)), self._what)
     return self._ds
@@ -163,9 +163,9 @@ def build_pipeline(data_cfg, workdir: str | None, split: str = "train") -> "Pipe
 
   staging = tempfile.mkdtemp(prefix=".staging-", dir=cache_dir)
   try:
-    sampling = {**reading, "arrow_cache_dir": os.path.join(staging, "sample")}
-    train_choices = sources_lib.resolve_splitters(train_sources, sampling)
-    train_raw = _RawCorpus(train_sources, cfg, os.path.join(staging, "train"),
+    settings = {**reading, "arrow_cache_dir": os.path.join(staging, "arrow")}
+    train_choices = sources_lib.resolve_splitters(train_sources, settings)
+    train_raw = _RawCorpus(train_sources, settings, os.path.join(staging, "train"),
                            f"data.source={cfg.source!r}", [c["splitter"] for c in train_choices])
     if tokenizer is None:
       # The splitter does not change which words the vocabulary sees: not part of its key.
@@ -178,8 +178,8 @@ def build_pipeline(data_cfg, workdir: str | None, split: str = "train") -> "Pipe
     else:
       identity = {"sources": [sources_lib.source_fingerprint(s) for s in eval_sources],
                   "holdout": None, "reading": reading}
-      choices = sources_lib.resolve_splitters(eval_sources, sampling)
-      raw = _RawCorpus(eval_sources, cfg, os.path.join(staging, "eval"),
+      choices = sources_lib.resolve_splitters(eval_sources, settings)
+      raw = _RawCorpus(eval_sources, settings, os.path.join(staging, "eval"),
                        f"data.eval_source={cfg.eval_source!r}", [c["splitter"] for c in choices])
       raw_holdout = None
     # The resolved splitters are part of the key: installing blingfire changes what `auto` reads.

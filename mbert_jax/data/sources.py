@@ -4,9 +4,10 @@ A source list is comma-separated. Each item is one of
 
 * `builtin` or `builtin:<module glob>`: the stdlib documentation corpus (see builtin_corpus),
 * a local file, directory or glob (`~`, `*`, `**` allowed; `file:` forces a local reading):
-  `.txt`/`.text` (and any unknown extension) = BERT format, one sentence per line, blank line
-  between documents; `.jsonl`/`.json`/`.ndjson` = one JSON object per line; `.parquet`;
-  a trailing `.gz` is decompressed,
+  `.txt`/`.text` (and any unknown extension) = plain text, a blank line between documents,
+  lines being sentences (BERT's format) or paragraphs / whole articles (`auto` tells);
+  `.jsonl`/`.json`/`.ndjson` = one JSON object per line; `.parquet`; a trailing `.gz` is
+  decompressed,
 * anything else is a Hugging Face hub dataset `path[:config][@split]` (needs network or a
   populated HF cache), e.g. `wikitext:wikitext-103-raw-v1@train` or `wikimedia/wikipedia:20231101.en`.
 
@@ -587,7 +588,8 @@ def load_raw_documents(sources: list[Source], settings: dict[str, Any], staging_
   forked reader could deadlock a process that has started JAX.
   """
   os.makedirs(staging_dir, exist_ok=True)
-  arrow_cache = os.path.join(staging_dir, "arrow")
+  # Local Parquet is prepared once per build: the splitter's sample may already have done it.
+  arrow_cache = settings.get("arrow_cache_dir") or os.path.join(staging_dir, "arrow")
   settings = {**settings, "arrow_cache_dir": arrow_cache}
   if splitters is None:
     splitters = [c["splitter"] for c in resolve_splitters(sources, settings)]
