@@ -271,9 +271,11 @@ def _copy_candidates(s_cfg: ModelConfig, t_cfg: ModelConfig,
 def _copy_leaf(teacher_leaf: Any, student_leaf: Any) -> Any:
   # A real copy: device_put onto an equal sharding would alias the teacher's buffer, and the
   # student's state is donated to every step while the teacher's must survive it.
-  copy = jnp.copy(jnp.asarray(teacher_leaf))
+  # Each resharding copy is waited for: on XLA:CPU, several in flight at once can enter their
+  # collectives in different orders on different devices and deadlock (seen on 8 fake devices).
+  copy = jax.block_until_ready(jnp.copy(jnp.asarray(teacher_leaf)))
   if hasattr(student_leaf, "sharding"):
-    return jax.device_put(copy, student_leaf.sharding)
+    return jax.block_until_ready(jax.device_put(copy, student_leaf.sharding))
   return copy
 
 

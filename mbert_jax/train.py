@@ -277,6 +277,9 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
         progress.write(plan.banner)
       t_stage = time.perf_counter()
       batch = sharding.global_batch(task.batch_at(step), mesh)
+      # Nothing in flight while compiling: on XLA:CPU a sharded program still running its
+      # collectives next to a compile can starve the shared thread pool and deadlock.
+      jax.block_until_ready((state, plan.aux, batch))
       # Compiled ahead of the first step, so compile time is its own metric and never part
       # of a throughput or MFU window.
       step_fn = jax.jit(make_train_step(plan, int(tc.seed), int(tc.grad_accum_steps)),
