@@ -112,12 +112,18 @@ def kt_section() -> ml_collections.ConfigDict:
   return k
 
 
+def teacher_cache_section() -> ml_collections.ConfigDict:
+  from mbert_jax.teacher_cache import default_cache_config
+  return default_cache_config()
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = model_section("mobilebert")
   c.teacher = teacher_section()
   c.schedule = default_schedule_config()
   c.kt = kt_section()
+  c.teacher_cache = teacher_cache_section()
   c.data = default_data_config()
   c.train = train_section()
   c.mesh = mesh_section()
@@ -140,7 +146,7 @@ def pretraining_schedule(c: ml_collections.ConfigDict, steps: int, learning_rate
   c.schedule.learning_rate = c.train.get_ref("learning_rate")
   c.schedule.warmup_steps = c.train.get_ref("warmup_steps")
   c.schedule.end_factor = c.train.get_ref("end_factor")
-  for unread in ("teacher", "kt"):
+  for unread in ("teacher", "kt", "teacher_cache"):
     if unread in c:
       del c[unread]
 

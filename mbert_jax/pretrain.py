@@ -29,6 +29,7 @@ from mbert_jax.train import StagePlan
 from mbert_jax.workdir import CONFIG_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR
 
 TERMS_NEEDING_HEADS = ("mlm", "kd")
+TEACHER_VOCAB = "teacher"  # data.vocab: the teacher's own tokenizer files
 DTYPES = ("float32", "bfloat16")
 # Fields whose change leaves the checkpoints valid: cadence, where to stop, placement.
 _RESUMABLE_TRAIN_FIELDS = ("steps", "log_every", "eval_every", "eval_steps", "checkpoint_every",
@@ -149,10 +150,32 @@ class LossContext:
   dropout: bool
   num_student_layers: int
   num_teacher_layers: int | None
+  plan: Any = None              # teacher.TransferPlan (None: no teacher)
+  cached_targets: bool = False  # kd from the batch's cached top-k teacher logits
 
 
 def stage_uses_heads(stage) -> bool:
   return any(stage.weight(t) > 0 for t in TERMS_NEEDING_HEADS)
+
+
+def wants_qkv(ctx: LossContext, stage) -> bool:
+  """Queries/keys/values are materialised only for a weighted relation-transfer term."""
+  return bool(ctx.plan is not None and ctx.plan.needs_qkv and stage.weight("at") > 0
+              and stage.transfer_layers)
+
+
+def transfer_terms(ctx: LossContext, stage) -> tuple[str, ...]:
+  """Every term for the log, except an unweighted relation term (it would need Q/K/V)."""
+  return tuple(t for t in losses.TRANSFER_TERMS
+               if stage.weight(t) > 0 or not (t == "at" and ctx.plan is not None
+                                               and ctx.plan.needs_qkv))
+
+
+def teacher_depth(ctx: LossContext, stage) -> int | None:
+  """Teacher layers a stage runs: those its layer map reaches, all for PD."""
+  if not stage.transfer_layers or ctx.plan is None:
+    return None
+  return ctx.plan.teacher_layers(stage.num_layers)
 
 
 def compute_loss(ctx: LossContext, params, teacher_params, batch, rng):
@@ -163,21 +186,24 @@ def compute_loss(ctx: LossContext, params, teacher_params, batch, rng):
   student = ctx.model.apply(
       {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
       masked_positions=positions, deterministic=not ctx.dropout, num_layers=stage.num_layers,
-      heads=heads, rngs={"dropout": rng} if ctx.dropout else None)
+      heads=heads, rngs={"dropout": rng} if ctx.dropout else None,
+      return_qkv=wants_qkv(ctx, stage))
   teacher = None
-  if stage.needs_teacher:
-    t_layers = stage.teacher_num_layers(ctx.num_student_layers, ctx.num_teacher_layers)
+  if stage.needs_teacher and not ctx.cached_targets:
     teacher = ctx.teacher.apply(
         {"params": teacher_params}, batch["input_ids"], batch["token_type_ids"],
         batch["attention_mask"], masked_positions=positions, deterministic=True,
-        num_layers=t_layers, heads=stage.weight("kd") > 0)
+        num_layers=teacher_depth(ctx, stage), heads=stage.weight("kd") > 0,
+        return_qkv=wants_qkv(ctx, stage))
     teacher = jax.lax.stop_gradient(teacher)
 
   terms: dict[str, jax.Array] = {}
   total = jnp.zeros((), jnp.float32)
   if stage.transfer_layers:
     per_layer = losses.transfer_losses(student, teacher, batch["attention_mask"], ctx.kt,
-                                       stage.transfer_layers)
+                                       stage.transfer_layers,
+                                       projection=params.get(teacher_lib.PROJECTION_KEY),
+                                       terms=transfer_terms(ctx, stage))
     for term, values in per_layer.items():
       w = stage.weight(term)
       terms[f"{term}_loss"] = jnp.sum(values)
@@ -190,10 +216,15 @@ def compute_loss(ctx: LossContext, params, teacher_params, batch, rng):
     mlm, mlm_acc = losses.mlm_loss(student.mlm_logits, labels, weights)
     terms["mlm_loss"], terms["mlm_accuracy"] = mlm, mlm_acc
     total = total + stage.weight("mlm") * mlm
-    if stage.weight("kd") > 0:
+    if stage.weight("kd") > 0 and ctx.cached_targets:
+      _, parts = losses.sparse_kd_loss(
+          student.mlm_logits, batch["teacher_topk_values"], batch["teacher_topk_indices"],
+          batch["teacher_log_normalizer"], labels, weights, temperature=stage.temperature)
+    elif stage.weight("kd") > 0:
       _, parts = losses.distillation_mlm_loss(
           student.mlm_logits, teacher.mlm_logits, labels, weights, alpha=0.0,
           temperature=stage.temperature)
+    if stage.weight("kd") > 0:
       kd = parts["kd_ce"] if "kd_ce" in parts else parts["kd"]
       terms["kd_loss"] = kd
       if "agreement" in parts:
@@ -247,13 +278,15 @@ def summarise_eval(sums: dict[str, float]) -> dict[str, float]:
   return out
 
 
-def stage_flops(stage, s_cfg: ModelConfig, t_cfg: ModelConfig | None, seq: int, preds: int) -> float:
+def stage_flops(ctx: LossContext, s_cfg: ModelConfig, t_cfg: ModelConfig | None, seq: int,
+                preds: int) -> float:
   """Analytic FLOPs per example of one step: 3x the student, plus the teacher's forward."""
+  stage = ctx.stage
   heads = stage_uses_heads(stage)
   flops = 3 * model_summary.forward_flops(s_cfg, seq, stage.num_layers, preds, heads=heads)
-  if stage.needs_teacher and t_cfg is not None:
-    t_layers = stage.teacher_num_layers(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
-    flops += model_summary.forward_flops(t_cfg, seq, t_layers, preds, heads=stage.weight("kd") > 0)
+  if stage.needs_teacher and t_cfg is not None and not ctx.cached_targets:
+    flops += model_summary.forward_flops(t_cfg, seq, teacher_depth(ctx, stage), preds,
+                                         heads=stage.weight("kd") > 0)
   return float(flops)
 
 
@@ -267,6 +300,9 @@ class PretrainTask:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+    if str(config.data.vocab) == TEACHER_VOCAB:
+      # Resolved in place (a plain string field), so config.json records the file used.
+      config.data.vocab = teacher_lib.vocab_source(str(config.teacher.checkpoint))
     self.stages = validate_config(config)
     self.needs_teacher = any(s.needs_teacher for s in self.stages)
     self._plans: dict[int, StagePlan] = {}
@@ -276,8 +312,10 @@ class PretrainTask:
     return run_identity(self.config)
 
   def prepare(self, workdir: str) -> None:
+    from mbert_jax import teacher_cache
     from mbert_jax.data import build_pipeline
     c = self.config
+    self.workdir = workdir
     self.pipe = build_pipeline(c.data, workdir, split="train")
     self.eval_pipe = build_pipeline(c.data, workdir, split="eval")
     self.seq, self.preds = c.data.max_seq_length, c.data.max_predictions_per_seq
@@ -286,6 +324,11 @@ class PretrainTask:
     self.schedule_steps = schedule_lib.total_steps(self.stages)
     self.end_step = (self.schedule_steps if c.train.steps == -1
                      else min(int(c.train.steps), self.schedule_steps))
+    # Cached teacher targets: opened (and checked against this run's data and teacher) before
+    # anything compiles; None when schedule.teacher_cache is empty.
+    self.cache = teacher_cache.open_for_run(c, self.pipe) if self.needs_teacher else None
+    self.cached_stage = (teacher_cache.distillation_stage(self.stages)[0]
+                         if self.cache is not None else None)
 
   def files(self) -> dict[str, Any]:
     return {CONFIG_FILE: self.config.to_dict(), MODEL_CONFIG_FILE: self.s_cfg.to_dict()}
@@ -303,16 +346,38 @@ class PretrainTask:
     return int(self.config.data.batch_size)
 
   # ---- models and state
+  def _teacher_needed_online(self) -> bool:
+    """The teacher's parameters are loaded unless every stage this run still has to take
+    reads cached targets and the student needs no seeding from it (a resumed run)."""
+    from mbert_jax.workdir import latest_checkpoint_step
+    start = latest_checkpoint_step(self.workdir)
+    if start is None:
+      return True
+    first = self.stage_index(min(start, self.schedule_steps - 1))[0]
+    return any(s.needs_teacher and i != self.cached_stage
+               for i, s in enumerate(self.stages) if i >= first)
+
   def build(self, mesh, rules) -> None:
     c = self.config
     self.mesh = mesh
     sharding.check_batch_divisible(c.data.batch_size, mesh, c.train.grad_accum_steps)
-    self.t_cfg, self.teacher_params, self.teacher_model = None, None, None
+    self.t_cfg, self.teacher_params, self.teacher_model, self.teacher = None, None, None, None
+    self.transfer = None
     if self.needs_teacher:
-      self.t_cfg, self.teacher_params = teacher_lib.load_teacher(c.teacher, mesh, rules)
-      if self.t_cfg.vocab_size != self.s_cfg.vocab_size:
-        raise ValueError(f"teacher vocab_size {self.t_cfg.vocab_size} != student/tokenizer "
-                         f"{self.s_cfg.vocab_size}: distill with the teacher's vocabulary")
+      if self._teacher_needed_online():
+        self.teacher = teacher_lib.open_teacher(c.teacher, mesh, rules)
+        self.t_cfg, self.teacher_params = self.teacher.config, self.teacher.params
+        has_mlm, t_vocab = self.teacher.has_mlm_head, self.teacher.vocab_file
+      else:
+        # The cache holds the teacher's MLM distribution, so it had an MLM head.
+        self.t_cfg = teacher_lib.read_teacher_config(c.teacher)
+        has_mlm, t_vocab = True, ""
+        logging.info("teacher parameters not loaded: the remaining stages read cached targets "
+                     "(%.1f MiB of teacher parameters saved)", self.teacher_mib())
+      self.transfer = teacher_lib.check_transfer(
+          c.kt, self.stages, self.s_cfg, self.t_cfg, has_mlm, teacher_path=c.teacher.checkpoint,
+          student_vocab=str(c.data.vocab), teacher_vocab=t_vocab)
+      logging.info("knowledge transfer: %s", self.transfer.describe())
       self.teacher_model = build(self.t_cfg)
     kt = dict(c.kt.to_dict()) if "kt" in c else {}
     kt.update(num_student_layers=self.s_cfg.num_hidden_layers,
@@ -320,7 +385,25 @@ class PretrainTask:
     self.kt = kt
     self.opt_cfg = optimizer_config(c)
     _, self.abs_params, self.p_shardings = sharding.abstract_params(self.s_cfg, mesh, rules)
-    self.eval_fn = jax.jit(make_eval_step(self.model, self.teacher_model))
+    self.projection = None
+    if self.needs_teacher:
+      self.projection = teacher_lib.init_transfer_params(
+          c.kt, self.s_cfg, self.t_cfg, jax.random.fold_in(jax.random.key(c.train.seed), 1))
+    if self.projection is not None:
+      # Small (width x teacher width): replicated, trained with the transfer losses, never
+      # exported (export reads only the student model's parameters).
+      abs_proj = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.projection)
+      rep = sharding.replicated(mesh)
+      self.abs_params = {**self.abs_params, teacher_lib.PROJECTION_KEY: abs_proj}
+      self.p_shardings = {**self.p_shardings,
+                          teacher_lib.PROJECTION_KEY: jax.tree.map(lambda _: rep, abs_proj)}
+    # Teacher accuracy and agreement only mean something for a teacher with a trained MLM head.
+    eval_teacher = (self.teacher_model if self.teacher is not None and self.teacher.has_mlm_head
+                    else None)
+    self.eval_fn = jax.jit(make_eval_step(self.model, eval_teacher))
+
+  def teacher_mib(self) -> float:
+    return model_summary.param_table(self.t_cfg)["total"] * 4 / 2**20 if self.t_cfg else 0.0
 
   def abstract_params(self):
     return self.abs_params, self.p_shardings
@@ -330,11 +413,16 @@ class PretrainTask:
     params, _ = sharding.init_params(self.s_cfg, c.train.seed, self.mesh,
                                      sharding.rules_from_config(c.mesh))
     if self.needs_teacher:
-      params, copied = teacher_lib.init_student_from_teacher(
-          params, self.teacher_params, self.s_cfg, self.t_cfg, c.teacher)
-      if copied:
-        logging.info("copied %d tensors from the teacher: %s", len(copied),
-                     sorted({p.rsplit('/', 2)[0] for p in copied}))
+      params, report = teacher_lib.init_student_from_teacher(
+          params, self.teacher_params, self.s_cfg, self.t_cfg, c.teacher,
+          teacher_fresh=self.teacher.fresh)
+      logging.info("student from teacher: %s", teacher_lib.seed_report_summary(report))
+      for line in report.lines():
+        logging.info("  %s", line)
+      self.seed_report = report
+    if self.projection is not None:
+      params = {**params, teacher_lib.PROJECTION_KEY: jax.device_put(
+          self.projection, self.p_shardings[teacher_lib.PROJECTION_KEY])}
     return params
 
   # ---- stages
@@ -351,9 +439,11 @@ class PretrainTask:
     stage = self.stages[index]
     mults = schedule_lib.lr_multiplier_tree(stage, self.abs_params)
     tx = optim.build_optimizer(self.opt_cfg, self.abs_params, mults, lr_schedule=stage.learning_rate)
+    cached = index == self.cached_stage
     ctx = LossContext(self.model, self.teacher_model, stage, self.kt, bool(self.config.train.dropout),
                       self.s_cfg.num_hidden_layers,
-                      self.t_cfg.num_hidden_layers if self.t_cfg else None)
+                      self.t_cfg.num_hidden_layers if self.t_cfg else None,
+                      plan=self.transfer, cached_targets=cached)
     start = sum(s.steps for s in self.stages[:index])
     banner = (f"== stage {index + 1}/{len(self.stages)} `{stage.name}`: steps {start}.."
               f"{start + stage.steps}, layers {stage.num_layers or self.s_cfg.num_hidden_layers}, "
@@ -363,12 +453,17 @@ class PretrainTask:
         loss=lambda p, aux, b, r: compute_loss(ctx, p, aux, b, r),
         learning_rate=lambda s: float(stage.learning_rate(s)),
         reset_optimizer=stage.reset_optimizer,
-        aux=self.teacher_params if stage.needs_teacher else None,
-        flops_per_example=stage_flops(stage, self.s_cfg, self.t_cfg, self.seq, self.preds),
-        banner=banner)
+        aux=self.teacher_params if stage.needs_teacher and not cached else None,
+        flops_per_example=stage_flops(ctx, self.s_cfg, self.t_cfg, self.seq, self.preds),
+        banner=banner + (f"; teacher targets from {self.cache.directory}" if cached else ""))
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    return self.pipe.batch_at(step, jax.process_index(), jax.process_count())
+    local = self.pipe.batch_at(step, jax.process_index(), jax.process_count())
+    if self.cached_stage is not None and self.stage_index(step)[0] == self.cached_stage:
+      # The cache checks each row's input digest, so it can never pair targets with other rows.
+      local.update(self.cache.targets_at(step, jax.process_index(), jax.process_count(),
+                                         batch=local))
+    return local
 
   def checkpoint_meta(self, step: int) -> dict[str, Any]:
     # The stage that ran the step just taken: at a stage boundary the checkpoint holds that
@@ -398,4 +493,7 @@ class PretrainTask:
     return {"end_step": self.end_step, "schedule_steps": self.schedule_steps,
             "schedule": self.config.schedule.name, "stages": [s.name for s in self.stages],
             "params": model_summary.param_table(self.s_cfg),
-            "teacher": self.config.teacher.checkpoint if self.needs_teacher else None}
+            "teacher": self.config.teacher.checkpoint if self.needs_teacher else None,
+            "teacher_loaded": self.teacher_params is not None,
+            "teacher_cache": self.cache.directory if self.cache is not None else None,
+            "transfer": self.transfer.describe() if self.transfer is not None else None}

@@ -344,6 +344,9 @@ def _path_string(path: Sequence[Any]) -> str:
   return "/".join(parts)
 
 
+TRANSFER_PARAMS_PREFIX = "kt_projection/"  # teacher.PROJECTION_KEY: not a student parameter
+
+
 def parameter_group(path: str) -> str:
   """Group of a '/'-joined parameter path (first match wins); error if none matches."""
   for group, pattern in GROUP_PATTERNS:
@@ -354,8 +357,12 @@ def parameter_group(path: str) -> str:
 
 
 def _leaf_multiplier(stage: Stage, path: str, leaf: Any) -> ScheduledMultiplier | None:
-  group = parameter_group(path)
   ramp = stage.steps if stage.phase_ramp else None
+  if path.startswith(TRANSFER_PARAMS_PREFIX):
+    # The student -> teacher feature projection learns with the layer-wise transfer terms and
+    # is frozen where none is computed.
+    return ScheduledMultiplier(1.0, ramp) if stage.transfer_layers else None
+  group = parameter_group(path)
   if group != "encoder":
     value = getattr(stage.multipliers, group)
     return None if value is None else ScheduledMultiplier(value, ramp)
@@ -404,6 +411,9 @@ def default_schedule_config() -> ml_collections.ConfigDict:
   c.current_layer_multiplier = 3.0       # PKT: layer being transferred
   c.lower_layer_multiplier = 0.3         # PKT: finished layers below it (0.1 of the current)
   c.stages = []                          # custom: list of stage dicts (see `stage_from_dict`)
+  # A teacher-cache directory (python -m mbert_jax.teacher_cache): the pre-training
+  # distillation stage reads its teacher targets there instead of running the teacher.
+  c.teacher_cache = ""
   return c
 
 

@@ -88,6 +88,29 @@ def open_teacher(teacher_cfg, mesh, rules) -> Teacher:
                           "(model_config.json) nor a Hugging Face model (config.json)")
 
 
+def vocab_source(path: str) -> str:
+  """Where a teacher's tokenizer lives: an mbert-jax run's tokenizer/, else its directory."""
+  if not path:
+    raise ValueError("data.vocab = 'teacher' but teacher.checkpoint is empty: set the teacher, "
+                     "or name a vocabulary in data.vocab")
+  if is_mbert_workdir(path):
+    return os.path.join(path, TOKENIZER_DIR)
+  return path
+
+
+def read_teacher_config(teacher_cfg) -> ModelConfig:
+  """The teacher's architecture without reading its weights."""
+  path = teacher_cfg.checkpoint
+  if is_mbert_workdir(path):
+    with open(os.path.join(path, MODEL_CONFIG_FILE)) as f:
+      cfg = ModelConfig.from_dict(json.load(f))
+  else:
+    from mbert_jax.models import from_hf_config
+    with open(os.path.join(path, "config.json")) as f:
+      cfg = from_hf_config(json.load(f))
+  return cfg.replace(compute_dtype=teacher_cfg.compute_dtype)
+
+
 def load_teacher(teacher_cfg, mesh, rules) -> tuple[ModelConfig, Any]:
   """Teacher config and params (sharded by the same rules), from a workdir or an HF directory."""
   teacher = open_teacher(teacher_cfg, mesh, rules)

@@ -258,7 +258,6 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
       progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
     return result
 
-  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in task.batch_at(start).items()}
   status, step, last_eval, stage_times = "completed", start, {}, {}
   with Preemption() as preemption:
     while step < stop:
@@ -276,7 +275,10 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
       if plan.banner:
         progress.write(plan.banner)
       t_stage = time.perf_counter()
-      batch = sharding.global_batch(task.batch_at(step), mesh)
+      local = task.batch_at(step)
+      # Per stage: a stage may add batch fields (cached teacher targets).
+      batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in local.items()}
+      batch = sharding.global_batch(local, mesh)
       # Nothing in flight while compiling: on XLA:CPU a sharded program still running its
       # collectives next to a compile can starve the shared thread pool and deadlock.
       jax.block_until_ready((state, plan.aux, batch))

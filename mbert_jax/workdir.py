@@ -84,6 +84,13 @@ def has_checkpoints(workdir: str) -> bool:
   return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
 
 
+def latest_checkpoint_step(workdir: str) -> int | None:
+  """The newest checkpoint step directory (written or not yet verified), None if none."""
+  ckpt = os.path.join(workdir, CHECKPOINT_DIR)
+  steps = [int(n) for n in os.listdir(ckpt) if n.isdigit()] if os.path.isdir(ckpt) else []
+  return max(steps) if steps else None
+
+
 def claim(workdir: str, identity: dict[str, Any]) -> None:
   """Makes `workdir` this run's, or refuses before anything is written.
 

@@ -141,3 +141,52 @@ def test_two_processes_train_to_the_same_losses(single_device_run, cache_dir, tm
   np.testing.assert_allclose([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)],
                              rtol=1e-5, atol=1e-6)
   _close(final_params(workdir), final_params(single_device_run))
+
+
+TASKS_SCRIPT = r"""
+import os, sys
+sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
+import jax
+from train_util import tiny_student_config
+from test_finetune_train import glue_config
+from mbert_jax import train
+assert jax.device_count() == 8, jax.devices()
+for name, c in (("pkt", tiny_student_config({cache!r}, {teacher!r}, steps_per_layer=2,
+                                            distill_steps=2)),
+                ("glue", glue_config({glue!r}, steps=4, log_every=1))):
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  assert train.run_config(c, os.path.join({tmp!r}, name))["status"] == "completed"
+print("DONE")
+"""
+
+
+def test_distillation_and_finetuning_sharded_match_one_device(single_device_run, cache_dir,
+                                                              tmp_path):
+  """The one loop on a 2x2x2 mesh, for a progressive schedule with its teacher and for a
+  fine-tuning task, equals the single-device run."""
+  import random
+  from test_finetune_train import _sentence, _write_tsv, flat, glue_config, restore_state
+  from train_util import tiny_student_config
+  glue = tmp_path / "sst2"
+  glue.mkdir()
+  rng = random.Random(2)
+  for split, n in (("train", 32), ("dev", 16)):
+    _write_tsv(glue / f"{split}.tsv", ["sentence", "label"],
+               [(_sentence(rng, i % 2), i % 2) for i in range(n)])
+  single = {"pkt": tiny_student_config(cache_dir, single_device_run, steps_per_layer=2,
+                                       distill_steps=2),
+            "glue": glue_config(str(glue), steps=4, log_every=1)}
+  for name, c in single.items():
+    assert train.run_config(c, str(tmp_path / f"one_{name}"))["status"] == "completed"
+  script = TASKS_SCRIPT.format(root=ROOT, cache=cache_dir, teacher=single_device_run,
+                               glue=str(glue), tmp=str(tmp_path))
+  proc = subprocess.run([sys.executable, "-c", script], env=_env(8), cwd=ROOT,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  for name in single:
+    one, many = str(tmp_path / f"one_{name}"), str(tmp_path / name)
+    a, b = train_losses(one), train_losses(many)
+    assert a.keys() == b.keys() and len(a) >= 4
+    np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)],
+                               rtol=1e-5, atol=1e-6)
+    _close(flat(restore_state(many)["params"]), flat(restore_state(one)["params"]))
