@@ -114,3 +114,44 @@ def test_teacher_hf_export_is_refused_flax_works(runs, tmp_path):
 def test_export_names_a_missing_run(tmp_path):
   proc = _run([f"--workdir={tmp_path}", "--format=flax", f"--out={tmp_path / 'o'}"])
   assert proc.returncode == 2 and "model_config.json" in proc.stderr
+
+
+def test_pretraining_onnx_export_matches_flax(runs, tmp_path):
+  """MLM and NSP logits and every hidden state of the ONNX graph, on a padded batch of
+  another shape than the traced one, within 1e-4 of the Flax model's largest magnitude."""
+  pytest.importorskip("onnxruntime")
+  from mbert_jax import onnx_export as ox
+  out = str(tmp_path / "onnx")
+  proc = _run([f"--workdir={runs['student']}", "--format=onnx", f"--out={out}"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for name in (ox.ONNX_FILE, ox.IO_FILE, "vocab.txt", "README.md"):
+    assert os.path.exists(os.path.join(out, name)), name
+  cfg, params, _ = export.load_run(runs["student"])
+  ids, types, mask = _inputs()
+  ref = build(cfg).apply({"params": params}, jnp.asarray(ids, jnp.int32),
+                         jnp.asarray(types, jnp.int32), jnp.asarray(mask, jnp.int32))
+  got = ox.run_session(ox.session(os.path.join(out, ox.ONNX_FILE)),
+                       {"input_ids": ids, "token_type_ids": types, "attention_mask": mask})
+  want = {"mlm_logits": np.asarray(ref.mlm_logits), "nsp_logits": np.asarray(ref.nsp_logits),
+          "hidden_states": np.stack([np.asarray(h) for h in ref.hidden_states])}
+  for name, err in ox.max_relative_errors(got, want).items():
+    assert err <= 1e-4, (name, err)
+
+
+def test_pretraining_model_card(runs, tmp_path):
+  out = str(tmp_path / "flax")
+  export.export(runs["student"], "flax", out)
+  card = open(os.path.join(out, "README.md")).read()
+  for text in ("MobileBERT student", "2 layers", "masked-language-model and next-sentence",
+               "- schedule `scratch`", "- teacher: none", "- steps: 3", runs["student"]):
+    assert text in card, text
+  assert not os.path.exists(os.path.join(out, "task.json"))
+
+
+def test_teacher_onnx_export_is_refused_with_the_reason(runs, tmp_path):
+  proc = _run([f"--workdir={runs['teacher']}", "--format=onnx", f"--out={tmp_path / 'o'}"])
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  line = proc.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: ONNX export goes through the Hugging Face model, and Hugging "
+                         "Face MobileBERT cannot represent this model"), line
+  assert "--format=flax" in line and not (tmp_path / "o").exists()
