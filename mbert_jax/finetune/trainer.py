@@ -424,18 +424,12 @@ def load_backbone(source: InitSource, init_cfg, abs_params, shardings) -> dict[s
 
 # ============================================================================ tokenizer
 
-def load_tokenizer(spec: str, lower_case: bool = True):
-  """A `tokenizers.Tokenizer` from a vocab.txt, a tokenizer.json or a directory with either."""
-  # Same file resolution as pretraining; a vocab.txt may be cased here, and fine-tuning needs
-  # only [CLS]/[SEP]/[PAD] (no [MASK]).
-  from mbert_jax.data.tokenizer import read_tokenizer_json, tokenizer_file
-  path = tokenizer_file(spec)
-  if path.endswith(".json"):
-    tok = read_tokenizer_json(path, spec)
-  else:
-    tok = tasks_lib.build_wordpiece_tokenizer(path, lowercase=lower_case)
-  tasks_lib.special_token_ids(tok)  # [CLS]/[SEP]/[PAD] must exist
-  return tok
+def load_tokenizer(spec: str, lower_case: bool | None = True):
+  """A `tokenizers.Tokenizer` from a vocab.txt, a tokenizer.json or a directory with either:
+  the data module's one loader, asking only for the specials fine-tuning uses (no [MASK])."""
+  from mbert_jax.data.tokenizer import FINETUNE_SPECIAL_TOKENS
+  from mbert_jax.data.tokenizer import load_tokenizer as load_wordpiece
+  return load_wordpiece(spec, lower_case=lower_case, require=FINETUNE_SPECIAL_TOKENS)
 
 
 def resolve_tokenizer(config, source: InitSource, workdir: str, texts: Callable[[], list[str]]):
