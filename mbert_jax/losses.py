@@ -208,19 +208,25 @@ def distillation_mlm_loss(student_logits: Array, teacher_logits: Array, labels: 
   kd_per_position = -jnp.sum(_xlogy_where_positive(teacher_probs, student_log_probs), axis=-1)
   teacher_entropy = -jnp.sum(_xlogy_where_positive(teacher_probs, teacher_log_probs), axis=-1)
 
+  return _mixed_mlm_result(weights, denominator, gt_per_position, kd_per_position,
+                           teacher_entropy, alpha, jnp.argmax(student_logits, axis=-1), labels,
+                           jnp.argmax(teacher_logits, axis=-1))
+
+
+def _mixed_mlm_result(weights, denominator, gt_per_position, kd_per_position, teacher_entropy,
+                      alpha, student_top1, labels, teacher_top1) -> tuple[Array, dict[str, Array]]:
+  """Weighted means of the per-position terms, the mixed loss and its metrics (shared by the
+  full-vocabulary and the top-k distillation losses)."""
   ground_truth_ce = jnp.sum(weights * gt_per_position) / denominator
   kd_ce = jnp.sum(weights * kd_per_position) / denominator
   kd_kl = jnp.sum(weights * (kd_per_position - teacher_entropy)) / denominator
   loss = alpha * ground_truth_ce + (1.0 - alpha) * kd_ce
-
-  student_top1 = jnp.argmax(student_logits, axis=-1)
   metrics = {
       "ground_truth_ce": ground_truth_ce,
       "kd_ce": kd_ce,
       "kd_kl": kd_kl,
       "accuracy": _weighted_accuracy(student_top1, labels, weights),
-      "agreement": _weighted_accuracy(student_top1, jnp.argmax(teacher_logits, axis=-1),
-                                      weights),
+      "agreement": _weighted_accuracy(student_top1, teacher_top1, weights),
   }
   return loss, metrics
 
@@ -879,16 +885,6 @@ def sparse_kd_loss(student_logits: Array, topk_values: Array, topk_indices: Arra
                       + rest_term(jnp.log(teacher_rest)))
   gt_per_position = -_label_log_prob(student_log_probs, labels)
 
-  ground_truth_ce = jnp.sum(weights * gt_per_position) / denominator
-  kd_ce = jnp.sum(weights * kd_per_position) / denominator
-  kd_kl = jnp.sum(weights * (kd_per_position - teacher_entropy)) / denominator
-  loss = alpha * ground_truth_ce + (1.0 - alpha) * kd_ce
-  student_top1 = jnp.argmax(student_logits, axis=-1)
-  metrics = {
-      "ground_truth_ce": ground_truth_ce,
-      "kd_ce": kd_ce,
-      "kd_kl": kd_kl,
-      "accuracy": _weighted_accuracy(student_top1, labels, weights),
-      "agreement": _weighted_accuracy(student_top1, indices[..., 0], weights),
-  }
-  return loss, metrics
+  return _mixed_mlm_result(weights, denominator, gt_per_position, kd_per_position,
+                           teacher_entropy, alpha, jnp.argmax(student_logits, axis=-1), labels,
+                           indices[..., 0])
