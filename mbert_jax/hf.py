@@ -3,6 +3,8 @@
     cfg, params = load("path/to/hf_dir")          # MobileBert*/Bert* (pre-training or bare)
     imported = import_model("path/to/hf_dir")      # the same, plus layout and which heads are real
     save(cfg, params, "out_dir", tokenizer_dir=...)  # loads in MobileBertForPreTraining
+    save_task(cfg, params, "out_dir", head="classification", label_names=[...])
+                    # fine-tuned: MobileBertForSequenceClassification / ...ForQuestionAnswering
 
 Import keeps Hugging Face semantics (spec §7, §13.3): `hidden_act="gelu"` stays the exact erf
 form, and a MobileBERT import sets `hf_layer_norm_eps_quirk` because Hugging Face builds the
