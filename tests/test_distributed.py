@@ -167,6 +167,7 @@ print("DONE")
 """
 
 
+@pytest.mark.slow  # about 3 minutes on two cores: run with -m slow
 def test_distillation_and_finetuning_sharded_match_one_device(single_device_run, cache_dir,
                                                               tmp_path):
   """The one loop on 8 devices, for a progressive schedule with its teacher (fsdp) and for a
