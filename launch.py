@@ -15,7 +15,6 @@ so a student can name the teacher run before it.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -27,29 +26,6 @@ config_flags.DEFINE_config_file("config", None, "config file (configs/<name>.py[
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the resolved config")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def maybe_initialize_distributed(dist_cfg) -> None:
-  """`jax.distributed.initialize` when the config or the environment names a cluster."""
-  import jax
-  mode = str(dist_cfg.get("initialize", "auto")).lower()
-  explicit = bool(dist_cfg.get("coordinator_address"))
-  env = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                                      "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                                      "MEGASCALE_COORDINATOR_ADDRESS"))
-  if mode in ("false", "0", "off", "never") or (mode == "auto" and not (explicit or env)):
-    return
-  if dist_cfg.get("cpu_collectives"):
-    jax.config.update("jax_cpu_collectives_implementation", dist_cfg.cpu_collectives)
-  kwargs = {}
-  if explicit:
-    kwargs["coordinator_address"] = dist_cfg.coordinator_address
-  if dist_cfg.get("num_processes", -1) > 0:
-    kwargs["num_processes"] = int(dist_cfg.num_processes)
-  if dist_cfg.get("process_id", -1) >= 0:
-    kwargs["process_id"] = int(dist_cfg.process_id)
-  jax.distributed.initialize(**kwargs)
-  logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def _substitute(cfg, workdir: str):
@@ -114,6 +90,7 @@ def main(argv):
   datasets.disable_progress_bars()
   config = FLAGS.config
   workdir = FLAGS.workdir
+  from mbert_jax.cli import maybe_initialize_distributed
   maybe_initialize_distributed(config.get("distributed", {}))
   from mbert_jax import cli, train
 

@@ -7,6 +7,8 @@ with their traceback: those are bugs to report.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -40,3 +42,26 @@ def guarded(fn: Callable[..., Any], *args, **kwargs) -> Any:
     fail(_message(e), NONFINITE_EXIT)
   except known_errors() as e:
     fail(_message(e))
+
+
+def maybe_initialize_distributed(dist_cfg) -> None:
+  """`jax.distributed.initialize` when the config or the environment names a cluster."""
+  import jax
+  mode = str(dist_cfg.get("initialize", "auto")).lower()
+  explicit = bool(dist_cfg.get("coordinator_address"))
+  env = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
+                                      "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                                      "MEGASCALE_COORDINATOR_ADDRESS"))
+  if mode in ("false", "0", "off", "never") or (mode == "auto" and not (explicit or env)):
+    return
+  if dist_cfg.get("cpu_collectives"):
+    jax.config.update("jax_cpu_collectives_implementation", dist_cfg.cpu_collectives)
+  kwargs = {}
+  if explicit:
+    kwargs["coordinator_address"] = dist_cfg.coordinator_address
+  if dist_cfg.get("num_processes", -1) > 0:
+    kwargs["num_processes"] = int(dist_cfg.num_processes)
+  if dist_cfg.get("process_id", -1) >= 0:
+    kwargs["process_id"] = int(dist_cfg.process_id)
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())

@@ -35,7 +35,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -860,31 +859,6 @@ def write_cache(config, workdir: str, *, verify: bool = False, progress: bool = 
 
 # ============================================================================ command line
 
-def _maybe_initialize_distributed(config) -> None:
-  """`jax.distributed.initialize` for multi-process writes, as `launch.py` decides it."""
-  dist = config.get("distributed") if hasattr(config, "get") else None
-  if not dist:
-    return
-  import jax
-  mode = str(dist.get("initialize", "auto")).lower()
-  explicit = bool(dist.get("coordinator_address"))
-  cluster = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                                          "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                                          "MEGASCALE_COORDINATOR_ADDRESS"))
-  if mode in ("false", "0", "off", "never") or (mode == "auto" and not (explicit or cluster)):
-    return
-  if dist.get("cpu_collectives"):
-    jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
-  kwargs = {}
-  if explicit:
-    kwargs["coordinator_address"] = dist.coordinator_address
-  if dist.get("num_processes", -1) > 0:
-    kwargs["num_processes"] = int(dist.num_processes)
-  if dist.get("process_id", -1) >= 0:
-    kwargs["process_id"] = int(dist.process_id)
-  jax.distributed.initialize(**kwargs)
-
-
 def _summary(report: dict) -> str:
   first, end = report["steps"]
   text = (f"teacher cache {report['directory']}: steps {first}..{end}, k = {report['k']}, "
@@ -904,7 +878,8 @@ def main(argv: Sequence[str]) -> None:
 
   def run():
     config = FLAGS.config
-    _maybe_initialize_distributed(config)
+    from mbert_jax.cli import maybe_initialize_distributed
+    maybe_initialize_distributed(config.get("distributed") or {})
     report = write_cache(config, FLAGS.workdir, verify=FLAGS.verify,
                          progress=bool(config.train.get("progress_bar", True)))
     write_json(os.path.join(FLAGS.workdir, "writer_report.json"), report)

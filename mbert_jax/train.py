@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 import flax.struct
 import jax
