@@ -130,3 +130,16 @@ def test_replacement_ids_exclude_specials(trained):
   ids = set(T.replacement_ids(trained).tolist())
   assert not ids & set(T.special_ids(trained).values())
   assert len(ids) == trained.get_vocab_size() - 5
+
+
+def test_tokenizer_json_loads_without_its_own_padding_or_truncation(tmp_path):
+  """Hugging Face tokenizer.json files often pad/truncate to a fixed length; pretraining must
+  see each sentence's real tokens (the packaged MiniLM teacher pads to 128)."""
+  trained = T.train_wordpiece(["alpha beta gamma delta", "epsilon zeta eta theta"] * 20, 64)
+  trained.enable_padding(length=16, pad_id=trained.token_to_id("[PAD]"), pad_token="[PAD]")
+  trained.enable_truncation(max_length=3)
+  path = tmp_path / "tokenizer.json"
+  trained.save(str(path))
+  loaded = T.load_tokenizer(str(path))
+  ids = loaded.encode("alpha beta gamma delta", add_special_tokens=False).ids
+  assert len(ids) >= 4 and loaded.token_to_id("[PAD]") not in ids

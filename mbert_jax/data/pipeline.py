@@ -43,7 +43,7 @@ from mbert_jax.data.masking import ExampleRandom, MaskingRules, mask_tokens
 log = logging.getLogger(__name__)
 
 # Bump when tokenization, corpus layout or pairing changes meaning: invalidates old caches.
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: tokenizer.json files load without their own padding/truncation
 SPLITS = ("train", "eval")
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions",
               "masked_lm_ids", "masked_lm_weights", "next_sentence_labels")

@@ -177,7 +177,9 @@ def load_tokenizer(spec: str, *, lower_case: bool | None = None,
   """
   path = tokenizer_file(spec)
   if path.endswith(".json"):
-    tok = read_tokenizer_json(path, spec)
+    # Its own padding/truncation (HF ships e.g. pad-to-128) would turn every sentence into a
+    # fixed-length row before our pairing and truncation: always off.
+    tok = plain_tokenizer(read_tokenizer_json(path, spec))
     require_tokens(tok, require, f"tokenizer {path}")
     return tok
   if lower_case is None:
