@@ -28,23 +28,14 @@ flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _substitute(cfg, workdir: str):
-  """Replaces `{workdir}` in every string field of a ConfigDict (recursively)."""
-  for key in list(cfg.keys()):
-    value = cfg[key]
-    if hasattr(value, "keys"):
-      _substitute(value, workdir)
-    elif isinstance(value, str) and "{workdir}" in value:
-      cfg[key] = value.replace("{workdir}", workdir)
-  return cfg
-
-
 def run_pipeline(config, workdir: str) -> dict:
   from mbert_jax import train
+  from mbert_jax.config_files import substitute_workdir
   from mbert_jax.workdir import read_report
   reports = {}
   for name in config.runs.order:
-    sub = _substitute(config.runs[name].copy_and_resolve_references(), os.path.abspath(workdir))
+    sub = substitute_workdir(config.runs[name].copy_and_resolve_references(),
+                             os.path.abspath(workdir))
     sub_dir = os.path.join(workdir, name)
     done = read_report(sub_dir)
     if done is not None:

@@ -121,3 +121,15 @@ def check_overrides(argv: Sequence[str], flag: str = "config") -> None:
   for path in paths:
     if not has_field(config, path):
       raise ValueError(unknown_field_message(config, path, f"--{flag}.{path}"))
+
+
+def substitute_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """Replaces `{workdir}` in every string field (recursively): a `runs` pipeline's sub-configs
+  name each other's directories through it (configs/demo.py)."""
+  for key in list(cfg.keys()):
+    value = cfg[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      substitute_workdir(value, workdir)
+    elif isinstance(value, str) and "{workdir}" in value:
+      cfg[key] = value.replace("{workdir}", workdir)
+  return cfg

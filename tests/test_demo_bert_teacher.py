@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+from mbert_jax.config_files import substitute_workdir
+
 from configs import distill_mobilebert
 
 TEACHER_DIR = distill_mobilebert.packaged_teacher_dir()
@@ -19,15 +21,7 @@ pytestmark = pytest.mark.skipif(
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _substitute(cfg, workdir):
-  """launch.py's `{workdir}` substitution (the same recursion, without importing its flags)."""
-  for key in list(cfg.keys()):
-    value = cfg[key]
-    if hasattr(value, "keys"):
-      _substitute(value, workdir)
-    elif isinstance(value, str) and "{workdir}" in value:
-      cfg[key] = value.replace("{workdir}", workdir)
-  return cfg
+_substitute = substitute_workdir
 
 
 def _strings(cfg):
