@@ -17,9 +17,18 @@ Runs, all with T = L * steps_per_layer + distill_steps total steps (L = student 
   pkt_no_at         pkt without attention transfer (attention_distill_factor = 0)
   pkt_no_mean_var   pkt without the mean/variance terms (beta = gamma = 0)
 
+Pre-training distillation reads cached teacher logits where runs share it: pkt, pkt_freeze, jkt
+and both pkt variants end in the same PD stage (global steps L * steps_per_layer .. T, the same
+batches), so the sweep writes `{sweepdir}/teacher_cache` once, after the teacher and before the
+runs (mbert_jax.teacher_cache; top-k logits, k = `cache_k`), and their PD stages run without the
+teacher. akt (layer-wise terms throughout), pd_only (its PD stage covers other steps, so a cache
+would save nothing) and scratch run online. At the paper's size that cache is ~4.7 KB per
+sequence x 500k x 2048 sequences, about 4.8 TB: `cache_k=0` keeps every run online instead.
+
 Arguments (comma-separated): `smoke` (CPU size), `tiny` (seconds per run; the tests' size),
 `steps_per_layer=N`, `distill_steps=N`, `teacher_steps=N` (0 = the size's default),
-`teacher=PATH` (an existing teacher workdir or Hugging Face directory: no set-up run), `demo`
+`teacher=PATH` (an existing teacher workdir or Hugging Face directory: no set-up run),
+`cache_k=N` (top-k logits in the shared PD cache; default 64, 0 = teacher online), `demo`
 (configs/demo.py's small-batch recipe: AdamW, batch 32, no dropout in any run, scratch included).
 Default: the paper's budget (24 x 10k + 500k = 740k steps, batch 2048) for accelerators.
 """
@@ -31,6 +40,7 @@ from mbert_jax import schedule as schedule_lib
 from mbert_jax import sweep as sw
 
 STRATEGIES = ("pkt", "pkt_freeze", "jkt", "akt", "pd_only", "scratch")
+SHARED_CACHE = "{sweepdir}/teacher_cache"
 
 # The tests' size: two layers, 32 tokens, a slice of the built-in corpus. Applied to the
 # students' base config and, as overrides, to the teacher, so both see the same data.
@@ -57,7 +67,7 @@ _BUDGET = {"full": (10_000, 500_000, 500_000), "smoke": (40, 200, 600), "tiny": 
 
 def _arg(arg):
   a = common.parse_arg(arg, smoke=False, tiny=False, steps_per_layer=0, distill_steps=0,
-                       teacher_steps=0, teacher="", demo=False)
+                       teacher_steps=0, teacher="", demo=False, cache_k=64)
   size = "tiny" if a.tiny else "smoke" if a.smoke else "full"
   spl, distill, teacher_steps = _BUDGET[size]
   for key, default in (("steps_per_layer", spl), ("distill_steps", distill),
@@ -66,6 +76,8 @@ def _arg(arg):
       raise ValueError(f"kt_strategies argument {key}={a[key]} must be >= 0 (0 = default)")
     if a[key] == 0:
       a[key] = default
+  if a.cache_k < 0:
+    raise ValueError(f"kt_strategies argument cache_k={a.cache_k} must be >= 0 (0 = no cache)")
   a.size = size
   return a
 
@@ -94,6 +106,8 @@ def get_config(arg=None):
   c.schedule.steps_per_layer = a.steps_per_layer
   c.schedule.distill_steps = a.distill_steps
   c.schedule.warmup_steps = min(c.schedule.warmup_steps, a.distill_steps // 10)
+  if a.cache_k:
+    c.teacher_cache.k = a.cache_k
   if a.demo:
     # configs/demo.py's recipe at batch 32: AdamW, no dropout (LAMB's trust-ratio steps are
     # tuned for batches in the thousands).
@@ -132,17 +146,19 @@ def get_sweep(arg=None):
   transfer = layers * a.steps_per_layer
   budget = transfer + a.distill_steps
 
+  # The runs whose PD stage is global steps [transfer, budget) share one cache.
+  shared = {"schedule.teacher_cache": SHARED_CACHE} if a.cache_k else {}
   strategies = [
-      {"schedule.name": "pkt"},
-      {"schedule.name": "pkt_freeze"},
-      {"schedule.name": "jkt", "schedule.transfer_steps": transfer},
+      {"schedule.name": "pkt", **shared},
+      {"schedule.name": "pkt_freeze", **shared},
+      {"schedule.name": "jkt", "schedule.transfer_steps": transfer, **shared},
       {"schedule.name": "akt", "schedule.distill_steps": budget},
       {"schedule.name": "pd_only", "schedule.distill_steps": budget},
       {"schedule.name": "scratch", "schedule.distill_steps": budget, "train.dropout": not a.demo},
   ]
   runs = sw.zip_(sw.sweep("name", STRATEGIES), strategies)
   runs += sw.product(
-      [{"schedule.name": "pkt"}],
+      [{"schedule.name": "pkt", **shared}],
       sw.zip_(sw.sweep("name", ["pkt_no_at", "pkt_no_mean_var"]),
               sw.sweep("variant", ["no_at", "no_mean_var"]),
               [{"schedule.attention_distill_factor": 0.0},

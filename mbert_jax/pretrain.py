@@ -127,7 +127,10 @@ def run_identity(config) -> dict[str, Any]:
   # The final stage may grow ("more steps"): it is where a run stops, and a longer one only
   # stretches its learning-rate decay. Every earlier boundary fixes which stage a checkpoint
   # belongs to, so those are part of the identity.
-  sched = {k: v for k, v in c["schedule"].items() if k != "distill_steps"}
+  # Where the PD stage reads its teacher targets is not part of it either: a cache is checked
+  # against the data and teacher it was built for (teacher_cache.identity_key), so a run may
+  # switch to one mid-stage, or read a moved copy, like it may change compute_dtype.
+  sched = {k: v for k, v in c["schedule"].items() if k not in ("distill_steps", "teacher_cache")}
   sched["stages"] = [[s.name, s.steps] for s in stages[:-1]] + [[stages[-1].name]]
   ident = {"task": "pretrain", "model": c["model"], "schedule": sched,
            "kt": c.get("kt", {}),

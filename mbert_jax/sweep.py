@@ -56,7 +56,7 @@ from mbert_jax.sweep_report import (DEFAULT_VARIANT, ERROR_FILE, MANIFEST, WALL_
 SWEEPDIR = "{sweepdir}"
 META_KEYS = ("name", "variant")
 # Names become directories next to these entries of the sweep dir.
-RESERVED_NAMES = ("data_cache", "xla_cache")
+RESERVED_NAMES = ("data_cache", "xla_cache", "teacher_cache")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+=-]*$")
 _SCALARS = (bool, int, float, str)
 
@@ -339,9 +339,8 @@ def _plain(config: ml_collections.ConfigDict) -> Any:
   return json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
 
 
-def check_round_trip(run: Run, sweepdir: str) -> str:
-  """The launch.py command for `run`, after checking it reproduces the in-process config."""
-  args = command_args(run, sweepdir)
+def _check_args(run: Run, args: Sequence[str], sweepdir: str, want_workdir: str) -> None:
+  """Refuses emitted arguments that would not reproduce the in-process config and workdir."""
   parsed, workdir = parse_launch_args(args)
   expected = resolve(run, sweepdir)
   got = parsed.copy_and_resolve_references()
@@ -349,9 +348,24 @@ def check_round_trip(run: Run, sweepdir: str) -> str:
     diff = _diff(_plain(expected), _plain(got))
     raise SweepError(f"run {run.name!r}: the emitted command does not reproduce its config: "
                      f"{diff[:5]}")
-  if os.path.abspath(workdir) != os.path.join(os.path.abspath(sweepdir), run.name):
-    raise SweepError(f"run {run.name!r}: emitted workdir {workdir} is not its run directory")
+  if os.path.abspath(workdir) != os.path.abspath(want_workdir):
+    raise SweepError(f"run {run.name!r}: emitted workdir {workdir} is not {want_workdir}")
+
+
+def check_round_trip(run: Run, sweepdir: str) -> str:
+  """The launch.py command for `run`, after checking it reproduces the in-process config."""
+  _check_args(run, command_args(run, sweepdir), sweepdir,
+              os.path.join(os.path.abspath(sweepdir), run.name))
   return launch_command(run, sweepdir)
+
+
+def cache_command(run: Run, directory: str, sweepdir: str, python: str = "python") -> str:
+  """The teacher-cache writer's command for the cache `run` reads (the writer takes the run's
+  own config and flags; only --workdir names the cache directory), checked like a run's."""
+  _, config_flag, _, *flag_args = command_args(run, sweepdir)
+  args = [config_flag, f"--workdir={directory}", *flag_args]
+  _check_args(run, args, sweepdir, directory)
+  return " ".join([python, "-m", "mbert_jax.teacher_cache"] + [shlex.quote(a) for a in args])
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:
@@ -361,6 +375,44 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
       out += _diff(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{path}.{k}" if path else k)
     return out
   return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+# ============================================================================ teacher caches
+
+def teacher_caches(runs: Sequence[Run], sweepdir: str) -> dict[str, list[Run]]:
+  """{cache directory: the runs whose pre-training distillation stage reads it}, in run order.
+  Runs naming one directory share one cache: their PD stages see the same batches (the
+  pipeline is step-indexed), which the cache's identity key checks for each of them."""
+  from mbert_jax.teacher_cache import cache_dir_of  # numpy only: --emit needs no jax
+  groups: dict[str, list[Run]] = {}
+  for r in runs:
+    directory = "" if r.setup else cache_dir_of(resolve(r, sweepdir))
+    if directory:
+      groups.setdefault(os.path.abspath(directory), []).append(r)
+  return groups
+
+
+def build_teacher_caches(runs: Sequence[Run], sweepdir: str, log=print) -> dict[str, list[str]]:
+  """Writes each cache the runs read, once, after the set-up runs (the teacher) and before the
+  runs. Every reader's config goes through the writer: the first computes the shards, the
+  rest only check that the cache's key is theirs (and fill steps a longer run needs), so a
+  run that names a cache built for other data is refused here, naming the field, before any
+  run trains. Returns {directory: reader names}."""
+  from mbert_jax import teacher_cache
+  groups = teacher_caches(runs, sweepdir)
+  for directory, readers in groups.items():
+    log(f"[teacher cache] {directory}: read by {', '.join(r.name for r in readers)}")
+    for r in readers:
+      config = resolve(r, sweepdir)
+      try:
+        report = teacher_cache.write_cache(
+            config, directory, progress=bool(config.train.get("progress_bar", True)))
+      except (ValueError, FileNotFoundError) as e:
+        raise SweepError(f"run {r.name!r}: {e}") from None
+      if report["cells_written"]:
+        workdir_lib.write_json(os.path.join(directory, teacher_cache.WRITER_REPORT), report)
+      log(f"[teacher cache] {r.name}: {teacher_cache.summary(report)}")
+  return {d: [r.name for r in readers] for d, readers in groups.items()}
 
 
 # ============================================================================ running
@@ -387,8 +439,10 @@ def write_manifest(sweep_file: SweepFile, runs: Sequence[Run], sweepdir: str,
         "stage_boundaries": _stage_layout(cfg),
         "command": (commands or {}).get(r.name) or launch_command(r, sweepdir),
     })
+  caches = {d: [r.name for r in readers] for d, readers in teacher_caches(runs, sweepdir).items()}
   path = os.path.join(sweepdir, MANIFEST)
-  workdir_lib.write_json(path, {"sweep": sweep_file.ref, "runs": entries}, all_processes=True)
+  workdir_lib.write_json(path, {"sweep": sweep_file.ref, "runs": entries,
+                                "teacher_caches": caches}, all_processes=True)
   return path
 
 
@@ -489,6 +543,7 @@ def run_sweep(sweep_file: SweepFile, sweepdir: str, only: Sequence[str] | None =
       log(f"[{r.name}] preempted; rerun the same command to resume")
       write_report(sweepdir)
       return statuses
+  build_teacher_caches(selected, sweepdir, log)
   for i, r in enumerate(selected):
     try:
       report = run_one(r, sweepdir, log)
@@ -527,6 +582,7 @@ def emit(sweep_file: SweepFile, sweepdir: str, only: Sequence[str] | None = None
   selected = _select(runs, only)
   check_sweepdir(setup + runs, sweepdir)
   commands = {r.name: check_round_trip(r, sweepdir) for r in setup + selected}
+  caches = teacher_caches(selected, sweepdir)
   write_manifest(sweep_file, setup + runs, sweepdir, commands)
   lines = [f"# sweep {_display_path(sweep_file.path)}"
            + ("" if sweep_file.arg is None else f":{sweep_file.arg}")
@@ -534,6 +590,11 @@ def emit(sweep_file: SweepFile, sweepdir: str, only: Sequence[str] | None = None
   if setup:
     lines.append("# set-up runs: must finish before the runs below")
     lines += [commands[r.name] for r in setup]
+  if caches:
+    lines.append("# teacher caches: after the set-up runs, before the runs that read them")
+    for directory, readers in caches.items():
+      lines.append(f"# {_display_path(directory)}: read by {', '.join(r.name for r in readers)}")
+      lines.append(cache_command(readers[0], directory, sweepdir))
   lines.append("# runs: independent of each other")
   lines += [commands[r.name] for r in selected]
   lines.append(f"# then: python -m mbert_jax.sweep --report --workdir={shlex.quote(sweepdir)}")

@@ -48,6 +48,7 @@ import numpy as np
 FORMAT_VERSION = 1
 HEADER_FILE = "cache.json"
 SHARD_DIR = "shards"
+WRITER_REPORT = "writer_report.json"
 META_MEMBER = "meta.json"
 TARGET_KEYS = ("teacher_topk_values", "teacher_topk_indices", "teacher_log_normalizer")
 VALUE_DTYPES = ("float16", "float32")
@@ -859,7 +860,7 @@ def write_cache(config, workdir: str, *, verify: bool = False, progress: bool = 
 
 # ============================================================================ command line
 
-def _summary(report: dict) -> str:
+def summary(report: dict) -> str:
   first, end = report["steps"]
   text = (f"teacher cache {report['directory']}: steps {first}..{end}, k = {report['k']}, "
           f"{report['cells_written']} shard(s) written, {report['cells_kept']} kept, "
@@ -882,8 +883,8 @@ def main(argv: Sequence[str]) -> None:
     maybe_initialize_distributed(config.get("distributed") or {})
     report = write_cache(config, FLAGS.workdir, verify=FLAGS.verify,
                          progress=bool(config.train.get("progress_bar", True)))
-    write_json(os.path.join(FLAGS.workdir, "writer_report.json"), report)
-    print(_summary(report), flush=True)
+    write_json(os.path.join(FLAGS.workdir, WRITER_REPORT), report)
+    print(summary(report), flush=True)
 
   cli.guarded(run)
 

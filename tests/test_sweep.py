@@ -28,6 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KT = os.path.join(ROOT, "experiments", "kt_strategies.py")
 KT_RUNS = ("pkt", "pkt_freeze", "jkt", "akt", "pd_only", "scratch", "pkt_no_at", "pkt_no_mean_var")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The runs whose pre-training distillation stage covers the same steps: one cache between them.
+SHARED_CACHE_RUNS = ("pkt", "pkt_freeze", "jkt", "pkt_no_at", "pkt_no_mean_var")
+TINY_RUNS = ("pkt_freeze", "jkt", "akt", "scratch")  # what the tiny sweep below trains
 
 
 def _plain(config) -> dict:
@@ -108,26 +111,49 @@ def test_emitted_commands_reproduce_configs(tmp_path, monkeypatch, capsys):
   assert sw.main([f"--sweep={KT}:smoke", f"--workdir={sweepdir}", "--emit"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   commands = [line for line in lines if not line.startswith("#")]
-  assert len(commands) == 1 + len(KT_RUNS)
+  # The teacher, the one shared teacher cache, then every run.
+  assert len(commands) == 2 + len(KT_RUNS)
   sweep_file = sw.SweepFile(f"{KT}:smoke")
   expected = {r.name: r for r in sweep_file.all_runs()}
-  for command in commands:
-    argv = shlex.split(command)
-    assert argv[:2] == ["python", "launch.py"]
-    # Parse exactly as launch.py does: a fresh flag registry with config_flags.
+  cache_dir = os.path.join(sweepdir, "teacher_cache")
+
+  def parse(argv):  # exactly as launch.py does: a fresh flag registry with config_flags
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                    sys_argv=argv[1:])
+                                    sys_argv=argv)
     flags.DEFINE_string("workdir", None, "", flag_values=fv)
-    fv(argv[1:])
-    name = os.path.basename(fv.workdir)
-    assert os.path.dirname(fv.workdir) == sweepdir
+    fv(argv)
+    return fv.config.copy_and_resolve_references(), fv.workdir
+
+  writer = shlex.split(commands[1])
+  assert writer[:3] == ["python", "-m", "mbert_jax.teacher_cache"]
+  config, workdir = parse(writer[2:])
+  assert workdir == cache_dir and config.schedule.teacher_cache == cache_dir
+  assert _plain(config) == _plain(sw.resolve(expected["pkt"], sweepdir))  # the first reader's
+  for command in commands[:1] + commands[2:]:
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "launch.py"]
+    config, workdir = parse(argv[1:])
+    name = os.path.basename(workdir)
+    assert os.path.dirname(workdir) == sweepdir
     want = sw.resolve(expected.pop(name), sweepdir)
-    assert _plain(fv.config.copy_and_resolve_references()) == _plain(want), name
+    assert _plain(config) == _plain(want), name
+    reads = config.schedule.get("teacher_cache", "")
+    assert reads == (cache_dir if name in SHARED_CACHE_RUNS else ""), name
   assert not expected  # every run got a command
   manifest = json.load(open(os.path.join(sweepdir, sw.MANIFEST)))
   assert [e["name"] for e in manifest["runs"]] == ["teacher", *KT_RUNS]
   assert manifest["runs"][0]["setup"] and manifest["runs"][1]["strategy"] == "pkt"
+  assert manifest["teacher_caches"] == {cache_dir: list(SHARED_CACHE_RUNS)}
+
+
+def test_kt_strategies_without_a_cache_run_every_teacher_online(tmp_path):
+  runs = sw.SweepFile(f"{KT}:smoke,cache_k=0").runs()
+  assert sw.teacher_caches(runs, str(tmp_path)) == {}
+  for r in runs:
+    assert not sw.resolve(r, str(tmp_path)).schedule.teacher_cache, r.name
+  with pytest.raises(ValueError, match="cache_k=-1 must be >= 0"):
+    sw.SweepFile(f"{KT}:smoke,cache_k=-1").runs()
 
 
 def test_sweep_file_with_auto_names_and_tuples_round_trips(tmp_path, monkeypatch):
@@ -204,17 +230,24 @@ def test_stage_boundaries_follow_the_saved_schedule(tmp_path):
 # ============================================================================ a real tiny sweep
 
 class _Spy:
-  """Records which run directories reach the real training loop."""
+  """Records which run directories reach the real training loop, and what each call of the
+  real teacher-cache writer did."""
 
   def __init__(self, monkeypatch):
-    from mbert_jax import train
+    from mbert_jax import teacher_cache, train
     self.calls: list[str] = []
-    real = train.run_config
+    self.cache_reports: list[dict] = []
+    real_run, real_write = train.run_config, teacher_cache.write_cache
 
-    def spy(config, workdir):
+    def run_spy(config, workdir):
       self.calls.append(os.path.basename(workdir))
-      return real(config, workdir)
-    monkeypatch.setattr(train, "run_config", spy)
+      return real_run(config, workdir)
+
+    def write_spy(config, workdir, **kw):
+      self.cache_reports.append(real_write(config, workdir, **kw))
+      return self.cache_reports[-1]
+    monkeypatch.setattr(train, "run_config", run_spy)
+    monkeypatch.setattr(teacher_cache, "write_cache", write_spy)
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +255,8 @@ def tiny_sweep(tmp_path_factory):
   sweepdir = str(tmp_path_factory.mktemp("kt_tiny"))
   with pytest.MonkeyPatch.context() as mp:
     spy = _Spy(mp)
-    rc = sw.main([f"--sweep={KT}:tiny", f"--workdir={sweepdir}", "--only=akt,scratch"])
-  return sweepdir, rc, spy.calls
+    rc = sw.main([f"--sweep={KT}:tiny", f"--workdir={sweepdir}", f"--only={','.join(TINY_RUNS)}"])
+  return sweepdir, rc, spy
 
 
 def _rows(sweepdir):
@@ -232,9 +265,10 @@ def _rows(sweepdir):
 
 
 def test_tiny_sweep_runs_setup_then_selected_runs(tiny_sweep):
-  sweepdir, rc, calls = tiny_sweep
+  sweepdir, rc, spy = tiny_sweep
+  calls = spy.calls
   assert rc == 0
-  assert calls == ["teacher", "akt", "scratch"]
+  assert calls == ["teacher", *TINY_RUNS]
   for name in calls:
     final = json.load(open(os.path.join(sweepdir, name, "final.json")))
     assert final["status"] == "completed" and final["step"] == 6, name
@@ -243,13 +277,32 @@ def test_tiny_sweep_runs_setup_then_selected_runs(tiny_sweep):
   assert not any(os.path.exists(os.path.join(sweepdir, n, "data_cache")) for n in calls)
 
 
+def test_the_shared_teacher_cache_is_written_once_and_read_by_each_run(tiny_sweep):
+  sweepdir, _, spy = tiny_sweep
+  cache_dir = os.path.join(sweepdir, "teacher_cache")
+  # pkt_freeze's config computes every shard; jkt's finds them all and only checks its key.
+  first, second = spy.cache_reports
+  assert first["directory"] == second["directory"] == cache_dir
+  assert first["cells_written"] >= 1 and first["steps_computed"] == 2
+  assert second["cells_written"] == 0 and second["steps_computed"] == 0
+  assert first["steps"] == second["steps"] == [4, 6]  # the PD stage of both: 2 x 2 PKT steps
+  written = json.load(open(os.path.join(cache_dir, "writer_report.json")))
+  assert written["cells_written"] == first["cells_written"]
+  for name in ("pkt_freeze", "jkt"):
+    final = json.load(open(os.path.join(sweepdir, name, "final.json")))
+    assert final["teacher_cache"] == cache_dir, name
+  for name in ("akt", "scratch"):  # layer-wise terms to the end / no teacher: online
+    final = json.load(open(os.path.join(sweepdir, name, "final.json")))
+    assert not final.get("teacher_cache"), name
+
+
 def test_results_table_and_plots(tiny_sweep):
   sweepdir = tiny_sweep[0]
   rows = _rows(sweepdir)
   assert tuple(rows[0].keys()) == rep.COLUMNS
   assert [r["name"] for r in rows] == list(KT_RUNS)
   by_name = {r["name"]: r for r in rows}
-  for name in ("akt", "scratch"):
+  for name in TINY_RUNS:
     r = by_name[name]
     final = json.load(open(os.path.join(sweepdir, name, "final.json")))
     assert r["status"] == "completed" and int(r["steps"]) == 6
@@ -337,7 +390,8 @@ def test_changed_config_is_refused_before_anything_is_written(tiny_sweep, capsys
   err = capsys.readouterr().err
   assert "holds a run of a different config" in err
   assert "schedule.steps_per_layer: 2 in the workdir, 3 now" in err
-  assert len(err.strip().splitlines()) == 1 and err.startswith("error: run 'akt'")
+  # The first run in the sweep's order whose directory holds checkpoints is named.
+  assert len(err.strip().splitlines()) == 1 and err.startswith("error: run 'pkt_freeze'")
   assert open(os.path.join(sweepdir, sw.MANIFEST)).read() == manifest
 
 

@@ -1,7 +1,7 @@
 """Cached teacher targets inside the one loop: at k = vocabulary size the pre-training
 distillation stage trains exactly as with the teacher online, a run resumed into the cached
-stage does not load the teacher, resumes bit for bit, and a cache of other data is refused
-before anything compiles."""
+stage does not load the teacher, resumes bit for bit, a run begun online may switch to a cache
+mid-stage, and a cache of other data is refused before anything compiles."""
 
 from __future__ import annotations
 
@@ -94,6 +94,23 @@ def test_resumed_into_the_cached_stage_the_teacher_is_not_loaded(exact_cache, da
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_a_run_started_online_switches_to_the_cache_mid_stage(online_run, exact_cache,
+                                                              data_cache, teacher, tmp_path):
+  """Where the targets come from is not part of the run's identity (the cache's own key checks
+  data and teacher), so a long PD stage begun online can finish from a cache built later."""
+  workdir = str(tmp_path / "switched")
+  stop = LAYERS * PER_LAYER + 2
+  first = train.run_config(_student(data_cache, teacher, steps=stop, checkpoint_every=1), workdir)
+  assert first["step"] == stop and first["teacher_cache"] is None
+  second = train.run_config(_student(data_cache, teacher, exact_cache), workdir)
+  assert second["status"] == "completed" and second["teacher_cache"] == exact_cache
+  assert not second["teacher_loaded"]
+  online, switched = _rows(online_run), _rows(workdir)
+  for s in sorted(online):
+    np.testing.assert_allclose(switched[s]["loss"], online[s]["loss"], rtol=2e-5, atol=1e-6,
+                               err_msg=f"loss at step {s}")
 
 
 def test_a_cache_of_other_data_is_refused_before_compiling(exact_cache, data_cache, teacher,
