@@ -190,14 +190,14 @@ def compute_loss(ctx: LossContext, params, teacher_params, batch, rng):
       {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
       masked_positions=positions, deterministic=not ctx.dropout, num_layers=stage.num_layers,
       heads=heads, rngs={"dropout": rng} if ctx.dropout else None,
-      return_qkv=wants_qkv(ctx, stage))
+      return_qkv=wants_qkv(ctx, stage), layer_outputs=bool(stage.transfer_layers))
   teacher = None
   if stage.needs_teacher and not ctx.cached_targets:
     teacher = ctx.teacher.apply(
         {"params": teacher_params}, batch["input_ids"], batch["token_type_ids"],
         batch["attention_mask"], masked_positions=positions, deterministic=True,
         num_layers=teacher_depth(ctx, stage), heads=stage.weight("kd") > 0,
-        return_qkv=wants_qkv(ctx, stage))
+        return_qkv=wants_qkv(ctx, stage), layer_outputs=bool(stage.transfer_layers))
     teacher = jax.lax.stop_gradient(teacher)
 
   terms: dict[str, jax.Array] = {}
@@ -247,7 +247,7 @@ def make_eval_step(model, teacher):
   def run(m, params, batch):
     return m.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
                    batch["attention_mask"], masked_positions=batch["masked_lm_positions"],
-                   deterministic=True)
+                   deterministic=True, layer_outputs=False)
 
   def step(params, teacher_params, batch):
     w = batch["masked_lm_weights"].astype(jnp.float32)

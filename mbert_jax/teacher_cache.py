@@ -646,7 +646,8 @@ def make_targets_fn(teacher_model, k: int, temperature: float, value_dtype: str,
   def targets(params, batch):
     out = teacher_model.apply(
         {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-        masked_positions=batch["masked_lm_positions"], deterministic=True, heads=True)
+        masked_positions=batch["masked_lm_positions"], deterministic=True, heads=True,
+        layer_outputs=False)
     logits = out.mlm_logits.astype(jnp.float32)
     top, indices = jax.lax.top_k(logits, k)
     shift = top[..., :1]

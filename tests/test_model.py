@@ -292,6 +292,71 @@ def test_truncated_depth_equals_the_first_layers():
     run(cfg, params, ids, types, mask, num_layers=5)
 
 
+def test_truncated_gradients_reach_only_the_first_layers():
+  """The truncated loop reads layer i out of the full stack (no slice copy), so its gradient
+  is a full-depth tree: equal to the full model's for the first k layers, zero above, also
+  unrolled, under remat and with Q/K/V returned; with dropout on it still runs."""
+  cfg = preset("mobilebert_micro")  # 4 layers
+  params = random_params(cfg)
+  ids, types, mask, positions = batch(cfg)
+  k = 2
+
+  def loss(c, p, num_layers, return_qkv=False):
+    out = build(c).apply({"params": p}, ids, types, mask, positions, num_layers=num_layers,
+                         return_qkv=return_qkv)
+    extra = sum(jnp.sum(t[..., :3]) for t in out.qkv[k - 1]) if return_qkv else 0.0
+    return jnp.sum(out.hidden_states[k] ** 2) + jnp.sum(out.attention_scores[k - 1][..., 0]) + extra
+
+  want = jax.jit(jax.grad(lambda p: loss(cfg, p, None)))(params)
+  for variant in ({}, dict(scan_layers=False), dict(remat=True)):
+    c = cfg.replace(**variant)
+    got = jax.jit(jax.grad(lambda p: loss(c, p, k)))(params)
+    for (path, g), w in zip(traverse_util.flatten_dict(got).items(),
+                            jax.tree.leaves(traverse_util.flatten_dict(want))):
+      name = "/".join(path)
+      if name.startswith("encoder/layers/"):
+        np.testing.assert_allclose(g[:k], w[:k], rtol=2e-5, atol=2e-6, err_msg=(variant, name))
+        assert not np.any(np.asarray(g[k:])), (variant, name)
+  want_qkv = jax.jit(jax.grad(lambda p: loss(cfg, p, None, True)))(params)
+  got_qkv = jax.jit(jax.grad(lambda p: loss(cfg, p, k, True)))(params)
+  for g, w in zip(jax.tree.leaves(got_qkv), jax.tree.leaves(want_qkv)):
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
+  noisy = cfg.replace(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+  out = jax.jit(lambda p, r: build(noisy).apply({"params": p}, ids, types, mask, positions,
+                                                deterministic=False, num_layers=k,
+                                                rngs={"dropout": r}))(params, jax.random.key(3))
+  assert len(out.hidden_states) == k + 1 and np.all(np.isfinite(out.hidden_states[k]))
+
+
+def test_without_layer_outputs_the_heads_and_gradients_are_unchanged():
+  """`layer_outputs=False` (what plain pretraining, PD and fine-tuning ask for) drops the
+  stacked per-layer outputs, whose zero cotangents the backward loop would otherwise read,
+  and changes nothing the heads compute, at full and truncated depth."""
+  cfg = preset("mobilebert_micro")
+  params = random_params(cfg)
+  ids, types, mask, positions = batch(cfg)
+  model = build(cfg)
+
+  def apply(p, **kw):
+    return model.apply({"params": p}, ids, types, mask, positions, **kw)
+
+  def loss(p, **kw):
+    out = apply(p, **kw)
+    return jnp.sum(out.mlm_logits ** 2) + jnp.sum(out.nsp_logits)
+
+  for k in (None, 2):
+    full, lean = apply(params, num_layers=k), apply(params, num_layers=k, layer_outputs=False)
+    assert lean.attention_scores == () and len(lean.hidden_states) == 1
+    np.testing.assert_array_equal(lean.hidden_states[0], full.hidden_states[-1])
+    np.testing.assert_array_equal(lean.mlm_logits, full.mlm_logits)
+    want = jax.jit(jax.grad(lambda p: loss(p, num_layers=k)))(params)
+    got = jax.jit(jax.grad(lambda p: loss(p, num_layers=k, layer_outputs=False)))(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+  assert len(apply(params, num_layers=2, layer_outputs=False, return_qkv=True).qkv) == 2
+  assert apply(params, num_layers=0, layer_outputs=False).hidden_states[0].shape == (B, T, cfg.hidden_size)
+
+
 def test_unrolled_and_remat_match_the_scan():
   cfg = preset("mobilebert_micro", num_hidden_layers=2)
   params = random_params(cfg)

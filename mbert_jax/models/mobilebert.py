@@ -25,8 +25,10 @@ Array = jax.Array
 class ModelOutput:
   """What pretraining and knowledge transfer need from one forward pass.
 
-  `hidden_states`: embedding output, then one feature map per layer that ran ([B, T, H]).
-  `attention_scores`: masked pre-softmax scores per layer ([B, heads, T, T], float32).
+  `hidden_states`: embedding output, then one feature map per layer that ran ([B, T, H]);
+    with `layer_outputs=False` only the last one (what the heads read).
+  `attention_scores`: masked pre-softmax scores per layer ([B, heads, T, T], float32); ()
+    with `layer_outputs=False`.
   `mlm_logits`: [B, P, V] at `masked_positions`, else [B, T, V] (float32).
   `qkv`: per layer that ran, (queries, keys, values) each [B, T, heads * head_dim] before the
     head split (compute dtype); only with `return_qkv=True` (relation transfer), else ().
@@ -267,11 +269,15 @@ class Block(nn.Module):
   """One transformer block (spec §4.2); scanned, so it returns (carry, per-layer outputs).
 
   The per-layer outputs carry Q/K/V only with `return_qkv`: as scan outputs they would be
-  stacked over layers, i.e. materialised, even when nothing reads them.
+  stacked over layers, i.e. materialised, even when nothing reads them. For the same reason
+  `layer_outputs=False` returns none at all: under `jax.grad` an unread stacked output still
+  gets a stacked zero cotangent ([L, B, heads, T, T] for the scores) that the backward loop
+  reads layer by layer.
   """
   cfg: ModelConfig
   deterministic: bool = True
   return_qkv: bool = False
+  layer_outputs: bool = True
 
   @nn.compact
   def __call__(self, x: Array, mask_bias: Array) -> tuple[Array, tuple[Any, ...]]:
@@ -294,43 +300,72 @@ class Block(nn.Module):
     inner = activation(cfg.hidden_act)(
         Dense(cfg.intermediate_size, ("intra", "mlp"), cfg, name="intermediate")(h))
     y = FinalOutput(cfg, self.deterministic, name="output")(inner, h, x)
+    if not self.layer_outputs:
+      return y, ()
     return y, (y, scores, qkv) if self.return_qkv else (y, scores)
 
 
 class Encoder(nn.Module):
   """Scans `Block` over a stacked layer axis; `num_layers` runs only the first layers.
 
-  Returns per-layer (hidden states, attention scores, (q, k, v) or () without `return_qkv`).
+  Returns per-layer (hidden states, attention scores, (q, k, v) or () without `return_qkv`);
+  with `layer_outputs=False` only ((last hidden state,), (), ()).
   """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x: Array, mask_bias: Array, deterministic: bool, num_layers: int | None,
-               return_qkv: bool = False) -> tuple[tuple[Array, ...], tuple[Array, ...],
-                                                  tuple[tuple[Array, Array, Array], ...]]:
+               return_qkv: bool = False, layer_outputs: bool = True
+               ) -> tuple[tuple[Array, ...], tuple[Array, ...],
+                          tuple[tuple[Array, Array, Array], ...]]:
     cfg = self.cfg
     total = cfg.num_hidden_layers
     k = total if num_layers is None else num_layers
-    block = nn.remat(Block, static_argnums=()) if cfg.remat else Block
-    scanned = nn.scan(
-        block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast,),
-        length=k,
-        unroll=1 if cfg.scan_layers else k,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
+    layer_outputs = layer_outputs or return_qkv
     if k != total and not self.is_initializing():
-      scanned = nn.map_variables(
-          scanned, "params", trans_in_fn=lambda vs: jax.tree.map(lambda a: a[:k], vs))
-    _, per_layer = scanned(cfg, deterministic, return_qkv, name="layers")(x, mask_bias)
+      last, per_layer = self._first_layers(x, mask_bias, deterministic, k, return_qkv,
+                                           layer_outputs)
+    else:
+      block = nn.remat(Block, static_argnums=()) if cfg.remat else Block
+      scanned = nn.scan(
+          block,
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast,),
+          length=k,
+          unroll=1 if cfg.scan_layers else k,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      last, per_layer = scanned(cfg, deterministic, return_qkv, layer_outputs,
+                                name="layers")(x, mask_bias)
+    if not layer_outputs:
+      return (last,), (), ()
     states, scores = per_layer[0], per_layer[1]
     hidden = tuple(states[i] for i in range(k))
     qkv = ()
     if return_qkv:
       qkv = tuple(tuple(t[i] for t in per_layer[2]) for i in range(k))
     return hidden, tuple(scores[i] for i in range(k)), qkv
+
+  def _first_layers(self, x: Array, mask_bias: Array, deterministic: bool, k: int,
+                    return_qkv: bool, layer_outputs: bool) -> tuple[Array, tuple[Array, ...]]:
+    """Runs layers 0..k-1 of the stacked parameters, read in place. Scanning a slice
+    `params[:k]` instead copies k layers of weights every step and pads their gradients back
+    to full depth; a loop of length k that indexes layer i of the whole stack leaves XLA an
+    in-place dynamic slice forward and an in-place gradient update backward."""
+    cfg = self.cfg
+    stacked = nn.unbox(self.variables["params"]["layers"])
+    block = Block(cfg, deterministic, return_qkv, layer_outputs, parent=None)
+    rng = None if deterministic else self.make_rng("dropout")
+
+    def layer(h, i):
+      params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked)
+      rngs = {} if rng is None else {"dropout": jax.random.fold_in(rng, i)}
+      return block.apply({"params": params}, h, mask_bias, rngs=rngs)
+
+    if cfg.remat:
+      layer = jax.checkpoint(layer)
+    return jax.lax.scan(layer, x, jnp.arange(k), unroll=1 if cfg.scan_layers else k)
 
 
 class HeadTransform(nn.Module):
@@ -408,7 +443,8 @@ class MobileBert(nn.Module):
   def __call__(self, input_ids: Array, token_type_ids: Array | None = None,
                attention_mask: Array | None = None, masked_positions: Array | None = None,
                deterministic: bool = True, num_layers: int | None = None,
-               heads: bool = True, return_qkv: bool = False) -> ModelOutput:
+               heads: bool = True, return_qkv: bool = False,
+               layer_outputs: bool = True) -> ModelOutput:
     cfg = self.cfg
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
@@ -429,8 +465,8 @@ class MobileBert(nn.Module):
       layer_states, scores, qkv = (), (), ()
     else:
       layer_states, scores, qkv = self.encoder(x, mask_bias, deterministic, num_layers,
-                                               return_qkv)
-    hidden = (x,) + layer_states
+                                               return_qkv, layer_outputs)
+    hidden = (x,) + layer_states if layer_outputs or return_qkv else layer_states[-1:] or (x,)
     seq = hidden[-1]
 
     first = seq[:, 0]
@@ -479,7 +515,7 @@ class _Backbone(nn.Module):
     value = cfg.attention_mask_value
     value = float(jnp.finfo(jnp.float32).min) if value is None else value
     bias = (1.0 - attention_mask.astype(jnp.float32)[:, None, None, :]) * value
-    states, _, _ = self.encoder(x, bias, deterministic, None)
+    states, _, _ = self.encoder(x, bias, deterministic, None, layer_outputs=False)
     seq = states[-1] if states else x
     pooled = self.pooler(seq[:, 0]) if cfg.classifier_activation else seq[:, 0]
     return seq, pooled
