@@ -47,7 +47,9 @@ def compiled_step(s_cfg, stage, mesh, batch, *, teacher_cfg=None, teacher_params
                   optimizer: str = "lamb", seed: int = 0):
   """(compiled step, initial state) for `stage`, sharded over `mesh` by the default rules:
   the training loop's own step (mbert_jax.train.make_train_step) on the pretraining task's loss."""
+  from configs.common import kt_section
   from mbert_jax import optim, pretrain, schedule, sharding, train
+  from mbert_jax import teacher as teacher_lib
   from mbert_jax.models import build
   rules = sharding.DEFAULT_RULES
   params, p_sh = sharding.init_params(s_cfg, seed, mesh, rules)
@@ -63,10 +65,16 @@ def compiled_step(s_cfg, stage, mesh, batch, *, teacher_cfg=None, teacher_params
                            nonfinite=zero(), skipped=zero())
   teacher = build(teacher_cfg) if teacher_cfg is not None else None
   t_layers = teacher_cfg.num_hidden_layers if teacher_cfg else None
-  ctx = pretrain.LossContext(build(s_cfg), teacher, stage, {
-      "num_student_layers": s_cfg.num_hidden_layers,
-      "num_teacher_layers": t_layers or s_cfg.num_hidden_layers},
-      False, s_cfg.num_hidden_layers, t_layers)
+  kt = kt_section()
+  plan = None
+  if teacher_cfg is not None:
+    # The training loop's transfer plan: it decides, among other things, how deep the teacher
+    # runs in a truncated phase (without it the teacher would run every layer).
+    plan = teacher_lib.check_transfer(kt, [stage], s_cfg, teacher_cfg, True)
+  kt = dict(kt.to_dict(), num_student_layers=s_cfg.num_hidden_layers,
+            num_teacher_layers=t_layers or s_cfg.num_hidden_layers)
+  ctx = pretrain.LossContext(build(s_cfg), teacher, stage, kt, False, s_cfg.num_hidden_layers,
+                             t_layers, plan=plan)
   plan = train.StagePlan(name=stage.name, steps=stage.steps, tx=tx,
                          loss=lambda p, aux, b, r: pretrain.compute_loss(ctx, p, aux, b, r),
                          learning_rate=lambda step: float(stage.learning_rate(step)))

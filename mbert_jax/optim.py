@@ -306,6 +306,19 @@ def _multiplier_value(fn: Multiplier, step, path: str, leaf_shape, stacked: bool
   return value
 
 
+def active_layers(fn: Multiplier | None, num_layers: int) -> int | None:
+  """How many leading layer slices a stacked leaf's multiplier can leave non-zero all stage,
+  when fewer than `num_layers` (static: read from the multiplier's `active_layers` attribute,
+  e.g. `schedule.ScheduledMultiplier` of a truncated phase); else None."""
+  n = getattr(fn, "active_layers", None)
+  return n if isinstance(n, int) and 0 < n < num_layers else None
+
+
+def _pad_layers(part: jax.Array, num_layers: int) -> jax.Array:
+  tail = jnp.zeros((num_layers - part.shape[0],) + part.shape[1:], part.dtype)
+  return jnp.concatenate([part, tail])
+
+
 def gated_adam(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
        weight_decay: float = 0.01, bias_correction: bool = False,
        layer_adaptation: bool = False,
@@ -371,13 +384,20 @@ def gated_adam(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float 
                 "stacked leaves need a leading layer axis")
       g32 = jnp.asarray(g, jnp.float32)
       w32 = jnp.asarray(w, jnp.float32)
-      # Per-slice quantities broadcast along the leading layer axis.
-      bshape = (w32.shape[0],) + (1,) * (w32.ndim - 1) if stacked else ()
       fn = multipliers.get(path)
       if fn is None:
         k = gate = None
       else:
         k = _multiplier_value(fn, step, path, w32.shape, stacked)
+      # Layers gated to 0 for the whole stage (those a truncated phase does not run) would get
+      # u = 0 and zeroed moments: compute only the leading `active` slices and pad, so a PKT
+      # phase's update costs its depth, not the model's.
+      active = active_layers(fn, w32.shape[0]) if stacked and k is not None and k.ndim else None
+      if active is not None:
+        g32, w32, mu, nu, k = (t[:active] for t in (g32, w32, mu, nu, k))
+      # Per-slice quantities broadcast along the leading layer axis.
+      bshape = (w32.shape[0],) + (1,) * (w32.ndim - 1) if stacked else ()
+      if k is not None:
         if k.ndim:
           k = k.reshape(bshape)
         gate = (k > 0).astype(jnp.float32)
@@ -400,7 +420,10 @@ def gated_adam(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float 
                  w_norm / jnp.where(u_norm > 0, u_norm, 1.0), 1.0)
         u = ratio * u
       scale = lr if k is None else k * lr
-      new_u.append((-scale * u).astype(jnp.result_type(w)))
+      u = (-scale * u).astype(jnp.result_type(w))
+      if active is not None:
+        u, m, v = (_pad_layers(t, jnp.shape(w)[0]) for t in (u, m, v))
+      new_u.append(u)
       new_mu.append(m)
       new_nu.append(v)
 

@@ -196,6 +196,15 @@ class ScheduledMultiplier:
   base: float | tuple[float, ...]
   ramp_period: int | None = None
 
+  @property
+  def active_layers(self) -> int | None:
+    """For a per-layer base: the layers up to the last non-zero one (the ramp scales but never
+    un-zeroes), so the optimizer can skip the rest (`optim.active_layers`); None for a scalar."""
+    if not isinstance(self.base, tuple):
+      return None
+    nonzero = [i for i, v in enumerate(self.base) if v]
+    return nonzero[-1] + 1 if nonzero else 0
+
   def __call__(self, step_in_stage: Any) -> jax.Array:
     base = jnp.asarray(self.base, jnp.float32)
     if self.ramp_period is None:
