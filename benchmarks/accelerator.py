@@ -299,7 +299,7 @@ class Program:
     def forward(t_params, batch):
       return model.apply({"params": t_params}, batch["input_ids"], batch["token_type_ids"],
                          batch["attention_mask"], masked_positions=batch["masked_lm_positions"],
-                         deterministic=True, heads=True).mlm_logits
+                         deterministic=True, heads=True, layer_outputs=False).mlm_logits
 
     proto = env.batch_abstract(8, self.case.seq, self.case.preds)
     b_sh = {k: v.sharding for k, v in proto.items()}
@@ -332,7 +332,8 @@ class Program:
                                lr_schedule=stage.learning_rate)
     plan = train.StagePlan(name=stage.name, steps=stage.steps, tx=tx,
                            loss=lambda p, aux, b, r: pretrain.compute_loss(ctx, p, aux, b, r),
-                           learning_rate=lambda s: float(stage.learning_rate(s)))
+                           learning_rate=lambda s: float(stage.learning_rate(s)),
+                           active_layers=pretrain.active_layers(stage, env.L))
     self.st_sh = train.state_shardings(p_sh, tx, abs_params, env.mesh)
     self.abs_state = train.abstract_state(self.st_sh, abs_params, tx)
     self.tx, self.teacher = tx, teacher

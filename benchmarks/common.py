@@ -77,7 +77,8 @@ def compiled_step(s_cfg, stage, mesh, batch, *, teacher_cfg=None, teacher_params
                              t_layers, plan=plan)
   plan = train.StagePlan(name=stage.name, steps=stage.steps, tx=tx,
                          loss=lambda p, aux, b, r: pretrain.compute_loss(ctx, p, aux, b, r),
-                         learning_rate=lambda step: float(stage.learning_rate(step)))
+                         learning_rate=lambda step: float(stage.learning_rate(step)),
+                         active_layers=pretrain.active_layers(stage, s_cfg.num_hidden_layers))
   b_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
   t_sh = jax.tree.map(lambda a: a.sharding, teacher_params) if teacher_params is not None else None
   fn = jax.jit(train.make_train_step(plan, seed, 1), in_shardings=(st_sh, t_sh, b_sh),

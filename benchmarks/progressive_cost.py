@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from mbert_jax import optim, schedule, sharding, train
+from mbert_jax import pretrain, schedule, sharding, train
 from mbert_jax.models import mobilebert, preset
 
 parser = argparse.ArgumentParser()
@@ -34,7 +34,7 @@ parser.add_argument("--steps", type=int, default=5, help="timed steps per varian
 parser.add_argument("--ab", action="store_true",
                     help="also time the truncated phase as it ran before issue 14, in the same "
                          "alternating rounds: scanning a slice params[:l] (a copy of l layers, "
-                         "gradients padded back) and updating every layer slice in the optimizer")
+                         "gradients padded back) and updating every layer slice")
 args = parser.parse_args()
 
 s_cfg = preset(args.student, max_position_embeddings=max(args.seq, 512))
@@ -58,13 +58,13 @@ def _sliced_first_layers(self, x, mask_bias, deterministic, k, return_qkv, layer
 
 @contextlib.contextmanager
 def before_issue_14():
-  saved = mobilebert.Encoder._first_layers, optim.active_layers
+  saved = mobilebert.Encoder._first_layers, pretrain.active_layers
   mobilebert.Encoder._first_layers = _sliced_first_layers
-  optim.active_layers = lambda fn, n: None
+  pretrain.active_layers = lambda stage, num_layers: None
   try:
     yield
   finally:
-    mobilebert.Encoder._first_layers, optim.active_layers = saved
+    mobilebert.Encoder._first_layers, pretrain.active_layers = saved
 
 
 def prepared(stage, old: bool = False):

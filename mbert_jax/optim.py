@@ -302,21 +302,20 @@ def _check_multiplier_shape(shape, path: str, leaf_shape, stacked: bool) -> None
 
 def _multiplier_value(fn: Multiplier, step, path: str, leaf_shape, stacked: bool) -> jax.Array:
   value = jnp.asarray(fn(step), jnp.float32)
+  n = active_layers(fn)
+  if stacked and value.ndim == 1 and leaf_shape and n is not None and n <= leaf_shape[0] < len(value):
+    # The training step updates only the first layer slices when the rest get no gradient and
+    # a multiplier that is statically 0 (`train.narrow_layers`): the dropped entries are 0.
+    value = value[:leaf_shape[0]]
   _check_multiplier_shape(value.shape, path, leaf_shape, stacked)
   return value
 
 
-def active_layers(fn: Multiplier | None, num_layers: int) -> int | None:
-  """How many leading layer slices a stacked leaf's multiplier can leave non-zero all stage,
-  when fewer than `num_layers` (static: read from the multiplier's `active_layers` attribute,
-  e.g. `schedule.ScheduledMultiplier` of a truncated phase); else None."""
+def active_layers(fn: Multiplier | None) -> int | None:
+  """How many leading layer slices a stacked leaf's multiplier can ever make non-zero (static:
+  its `active_layers` attribute, as `schedule.ScheduledMultiplier` has); None if unknown."""
   n = getattr(fn, "active_layers", None)
-  return n if isinstance(n, int) and 0 < n < num_layers else None
-
-
-def _pad_layers(part: jax.Array, num_layers: int) -> jax.Array:
-  tail = jnp.zeros((num_layers - part.shape[0],) + part.shape[1:], part.dtype)
-  return jnp.concatenate([part, tail])
+  return n if isinstance(n, int) else None
 
 
 def gated_adam(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
@@ -384,20 +383,13 @@ def gated_adam(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float 
                 "stacked leaves need a leading layer axis")
       g32 = jnp.asarray(g, jnp.float32)
       w32 = jnp.asarray(w, jnp.float32)
+      # Per-slice quantities broadcast along the leading layer axis.
+      bshape = (w32.shape[0],) + (1,) * (w32.ndim - 1) if stacked else ()
       fn = multipliers.get(path)
       if fn is None:
         k = gate = None
       else:
         k = _multiplier_value(fn, step, path, w32.shape, stacked)
-      # Layers gated to 0 for the whole stage (those a truncated phase does not run) would get
-      # u = 0 and zeroed moments: compute only the leading `active` slices and pad, so a PKT
-      # phase's update costs its depth, not the model's.
-      active = active_layers(fn, w32.shape[0]) if stacked and k is not None and k.ndim else None
-      if active is not None:
-        g32, w32, mu, nu, k = (t[:active] for t in (g32, w32, mu, nu, k))
-      # Per-slice quantities broadcast along the leading layer axis.
-      bshape = (w32.shape[0],) + (1,) * (w32.ndim - 1) if stacked else ()
-      if k is not None:
         if k.ndim:
           k = k.reshape(bshape)
         gate = (k > 0).astype(jnp.float32)
@@ -420,10 +412,7 @@ def gated_adam(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float 
                  w_norm / jnp.where(u_norm > 0, u_norm, 1.0), 1.0)
         u = ratio * u
       scale = lr if k is None else k * lr
-      u = (-scale * u).astype(jnp.result_type(w))
-      if active is not None:
-        u, m, v = (_pad_layers(t, jnp.shape(w)[0]) for t in (u, m, v))
-      new_u.append(u)
+      new_u.append((-scale * u).astype(jnp.result_type(w)))
       new_mu.append(m)
       new_nu.append(v)
 

@@ -174,6 +174,17 @@ def transfer_terms(ctx: LossContext, stage) -> tuple[str, ...]:
                                                and ctx.plan.needs_qkv))
 
 
+def active_layers(stage, num_layers: int) -> int | None:
+  """The encoder depth a truncated stage trains, when the update may skip the layers above
+  it (`train.StagePlan.active_layers`): they do not run (no gradient), their multiplier is 0
+  (`schedule.GroupMultipliers.encoder_vector` gates them) and, the optimizer being reset at the
+  stage's start, their moments are 0. None: update every layer slice."""
+  if (stage.num_layers is None or not 0 < stage.num_layers < num_layers
+      or not stage.reset_optimizer):
+    return None
+  return stage.num_layers
+
+
 def teacher_depth(ctx: LossContext, stage) -> int | None:
   """Teacher layers a stage runs: those its layer map reaches, all for PD."""
   if not stage.transfer_layers or ctx.plan is None:
@@ -456,6 +467,7 @@ class PretrainTask:
         loss=lambda p, aux, b, r: compute_loss(ctx, p, aux, b, r),
         learning_rate=lambda s: float(stage.learning_rate(s)),
         reset_optimizer=stage.reset_optimizer,
+        active_layers=active_layers(stage, self.s_cfg.num_hidden_layers),
         aux=self.teacher_params if stage.needs_teacher and not cached else None,
         flops_per_example=stage_flops(ctx, self.s_cfg, self.t_cfg, self.seq, self.preds),
         banner=banner + (f"; teacher targets from {self.cache.directory}" if cached else ""))

@@ -122,6 +122,9 @@ class StagePlan:
   `loss(params, aux, batch, rng) -> (loss, terms)` is traced inside the compiled step; `aux`
   is whatever the stage needs besides the params (the teacher's params), passed as an argument
   so it is sharded, not baked into the program. `learning_rate(step_in_stage)` is logged.
+  `active_layers = n`: layer slices n.. of the stacked encoder get no gradient and a
+  multiplier of 0 for the whole stage and start it with zero moments (a truncated phase that
+  resets the optimizer), so the step updates only the first n (`make_train_step`).
   """
   name: str
   steps: int
@@ -132,6 +135,7 @@ class StagePlan:
   aux: Any = None
   flops_per_example: float | None = None
   banner: str = ""
+  active_layers: int | None = None
 
 
 class Task(Protocol):
@@ -348,16 +352,50 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
   return report
 
 
+def _map_layers(fn: Callable, tree: Any, *rest: Any) -> Any:
+  """`fn` on every leaf stacked on the encoder's layer axis (params, gradients and optimizer
+  moments alike: their paths name `encoder/layers/`); other leaves come from the last tree."""
+  marker = "/" + optim.LAYER_AXIS_PREFIX
+
+  def one(path, leaf, *others):
+    stacked = marker in "/" + optim.param_path(path) and jnp.ndim(leaf) >= 1
+    return fn(leaf, *others) if stacked else (others[-1] if others else leaf)
+  return jax.tree_util.tree_map_with_path(one, tree, *rest)
+
+
+def narrow_layers(tree: Any, n: int) -> Any:
+  """The first `n` slices of every layer-stacked leaf."""
+  return _map_layers(lambda x: x[:n], tree)
+
+
+def widen_layers(full: Any, narrow: Any) -> Any:
+  """`full` with its leading layer slices replaced by `narrow`'s (in place when donated)."""
+  return _map_layers(lambda f, s: jax.lax.dynamic_update_slice_in_dim(f, s.astype(f.dtype), 0, 0),
+                     full, narrow)
+
+
 def make_train_step(plan: StagePlan, seed: int, grad_accum: int) -> Callable:
-  """The compiled step: gradients (accumulated over micro-batches), one guarded update."""
+  """The compiled step: gradients (accumulated over micro-batches), one guarded update. With
+  `plan.active_layers = n` the update (clipping, optimizer, guard) runs on the first n layer
+  slices and writes them back in place, so a truncated phase's update costs its depth."""
   def grad_fn(params, aux, batch, rng):
     return jax.value_and_grad(plan.loss, has_aux=True)(params, aux, batch, rng)
+
+  def update(state, loss, grads):
+    n = plan.active_layers
+    if n is None:
+      return guarded_update(state, plan.tx, loss, grads)
+    narrow = state.replace(params=narrow_layers(state.params, n),
+                           opt_state=narrow_layers(state.opt_state, n))
+    new, grad_norm, finite = guarded_update(narrow, plan.tx, loss, narrow_layers(grads, n))
+    return new.replace(params=widen_layers(state.params, new.params),
+                       opt_state=widen_layers(state.opt_state, new.opt_state)), grad_norm, finite
 
   def step(state: TrainState, aux, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     (loss, terms), grads = optim.accumulate_gradients(
         lambda p, mb, r: grad_fn(p, aux, mb, r), state.params, batch, grad_accum, rng=rng)
-    new_state, grad_norm, finite = guarded_update(state, plan.tx, loss, grads)
+    new_state, grad_norm, finite = update(state, loss, grads)
     out = dict(terms)
     out.update(grad_norm=grad_norm, param_norm=optax.tree.norm(state.params),
                finite=finite.astype(jnp.float32))

@@ -270,43 +270,6 @@ def test_layer_gate_frozen_leaves_and_pkt_multipliers_match_reference():
       np.testing.assert_allclose(got_m[path], want, rtol=2e-5, atol=1e-8, err_msg=path)
 
 
-@pytest.mark.parametrize("lamb", [True, False])
-def test_updating_only_the_active_layers_equals_the_full_gated_update(lamb):
-  """A truncated phase's multiplier (schedule.ScheduledMultiplier) says statically how many
-  leading layers can be non-zero; the optimizer then updates only those slices and pads.
-  Against the same multiplier as a plain function (every slice computed, the rest gated to
-  0): the same parameters, moments and updates, with moments left over in the inactive
-  layers zeroed as the gate zeroes them."""
-  from mbert_jax.schedule import ScheduledMultiplier
-  params = _tree()
-  base = (1.0,) * 2 + (0.0,) * (L - 2)
-  static = ScheduledMultiplier(base, ramp_period=4)
-  assert static.active_layers == 2
-  plain = lambda step: static(step)  # noqa: E731  (no active_layers attribute)
-  assert optim.active_layers(plain, L) is None and optim.active_layers(static, L) == 2
-  make = optim.tf1_lamb if lamb else optim.tf1_adamw
-  results = []
-  for fn in (static, plain):
-    tx = make(0.01, multipliers={
-        optim.param_path(kp): fn for kp, _ in jax.tree_util.tree_leaves_with_path(params)
-        if optim.param_path(kp).startswith("encoder/")})
-    state = tx.init(params)
-    # Moments from an earlier stage in every layer: the gate must zero the inactive ones.
-    state = state._replace(mu=jax.tree.map(lambda x: x + 0.1, state.mu),
-                           nu=jax.tree.map(lambda x: x + 0.2, state.nu))
-    update = jax.jit(tx.update)
-    p = jax.tree.map(jnp.asarray, params)
-    for t in range(3):
-      u, state = update(_grads(t, scale=2.0), state, p)
-      p = optax.apply_updates(p, u)
-    results.append((u, state.mu, state.nu, p))
-  for got, want in zip(*results):
-    for (path, a), b in zip(_flat(got).items(), _flat(want).values()):
-      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=path)
-  mu = _flat(results[0][1])["encoder/layers/attention/query/kernel"]
-  assert not np.any(mu[2:]) and np.all(mu[:2] != 0)
-
-
 def test_clipping_counts_frozen_gradients():
   params = {"frozen": {"kernel": jnp.ones((3, 3))}, "dense": {"kernel": jnp.ones((2, 2))}}
   grads = {"frozen": {"kernel": jnp.full((3, 3), 4.0)}, "dense": {"kernel": jnp.ones((2, 2))}}

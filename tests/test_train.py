@@ -261,3 +261,67 @@ def test_resume_mid_stage_is_bitwise(pkt_run, tmp_path, cache_dir, teacher_run):
   train.train_and_evaluate(tiny_student_config(cache_dir, teacher_run), cut)
   _assert_same_params(final_params(pkt_run), final_params(cut))
   assert train_losses(cut) == train_losses(pkt_run)
+
+
+def test_a_truncated_phase_updates_only_its_layers_and_equals_the_full_update():
+  """`StagePlan.active_layers` (set for truncated phases that reset the optimizer) narrows
+  clipping, LAMB, the non-finite guard and the write-back to the first l layer slices. Against
+  the same step updating every slice: the same parameters and moments, layers above l
+  untouched and their moments zero."""
+  import flax.linen as nn
+  import optax
+
+  from mbert_jax import optim, pretrain, schedule
+  from mbert_jax.models import build, preset
+
+  cfg = preset("mobilebert_micro")  # 4 layers
+  model = build(cfg)
+  ids = jnp.asarray(np.random.default_rng(0).integers(5, cfg.vocab_size, (2, 16)), jnp.int32)
+  params = nn.unbox(model.init(jax.random.key(0), ids)["params"])
+  sc = schedule.default_schedule_config()
+  sc.name, sc.steps_per_layer = "pkt", 10
+  stage = schedule.build_schedule(sc, cfg.num_hidden_layers)[1]  # phase 2: layers 1-2 run
+  assert stage.num_layers == 2 and pretrain.active_layers(stage, 4) == 2
+  o = optim.default_optimizer_config()
+  o.name, o.schedule, o.warmup_steps, o.clip_norm = "lamb", "constant", 0, 1.0
+  tx = optim.build_optimizer(o, params, schedule.lr_multiplier_tree(stage, params),
+                             lr_schedule=lambda s: jnp.full((), 1e-2, jnp.float32))
+
+  def loss(p, aux, batch, rng):
+    out = model.apply({"params": p}, batch["ids"], num_layers=2, heads=False)
+    value = jnp.mean(out.hidden_states[-1] ** 2)
+    return value, {"loss": value}
+
+  def state0():
+    zero = jnp.zeros((), jnp.int32)
+    return train.TrainState(step=zero, params=params, opt_state=tx.init(params),
+                            nonfinite=zero, skipped=zero)
+
+  finals, write_backs = [], []
+  for active in (2, None):
+    plan = train.StagePlan(name=stage.name, steps=10, tx=tx, loss=loss,
+                           learning_rate=lambda s: 1e-2, active_layers=active)
+    raw = train.make_train_step(plan, 0, 1)
+    program = str(jax.make_jaxpr(raw)(state0(), None, {"ids": ids}))
+    # The narrowed step writes the updated slices (params, mu, nu) back in place.
+    write_backs.append(program.count("dynamic_update_slice"))
+    step = jax.jit(raw)
+    state = state0()
+    for _ in range(3):
+      state, out = step(state, None, {"ids": ids})
+    finals.append(state)
+  narrow, full = finals
+  stacked = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(params)
+                if "encoder/layers/" in optim.param_path(path))
+  assert write_backs[0] - write_backs[1] == 3 * stacked, write_backs
+  for a, b in zip(jax.tree.leaves(narrow.params), jax.tree.leaves(full.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(narrow.opt_state), jax.tree.leaves(full.opt_state)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  before = params["encoder"]["layers"]["attention"]["query"]["kernel"]
+  after = narrow.params["encoder"]["layers"]["attention"]["query"]["kernel"]
+  np.testing.assert_array_equal(after[2:], before[2:])
+  assert not np.allclose(after[:2], before[:2])
+  mu = [x for x in jax.tree.leaves(narrow.opt_state) if np.ndim(x) == 3 and x.shape[0] == 4]
+  assert mu and all(not np.any(m[2:]) for m in mu)
+  assert optax.tree.norm(narrow.params) > 0
