@@ -375,29 +375,36 @@ def widen_layers(full: Any, narrow: Any) -> Any:
 
 
 def make_train_step(plan: StagePlan, seed: int, grad_accum: int) -> Callable:
-  """The compiled step: gradients (accumulated over micro-batches), one guarded update. With
-  `plan.active_layers = n` the update (clipping, optimizer, guard) runs on the first n layer
-  slices and writes them back in place, so a truncated phase's update costs its depth."""
+  """The compiled step: gradients (accumulated over micro-batches), one guarded update.
+
+  With `plan.active_layers = n` the loss sees only the first n layer slices of the student's
+  stack, the gradients have that depth, and the update (clipping, optimizer, guard) runs on
+  them and writes them back in place, so a truncated phase costs its depth. Differentiating
+  the whole stack instead would zero a full-depth gradient every step, and would put the
+  donated stack into the forward loop, which makes XLA copy all of it (twice) before the
+  in-place write-back; the n-layer slice is the cheaper copy (benchmarks/progressive_cost.py).
+  """
+  n = plan.active_layers
+
   def grad_fn(params, aux, batch, rng):
     return jax.value_and_grad(plan.loss, has_aux=True)(params, aux, batch, rng)
 
-  def update(state, loss, grads):
-    n = plan.active_layers
-    if n is None:
-      return guarded_update(state, plan.tx, loss, grads)
-    narrow = state.replace(params=narrow_layers(state.params, n),
-                           opt_state=narrow_layers(state.opt_state, n))
-    new, grad_norm, finite = guarded_update(narrow, plan.tx, loss, narrow_layers(grads, n))
-    return new.replace(params=widen_layers(state.params, new.params),
-                       opt_state=widen_layers(state.opt_state, new.opt_state)), grad_norm, finite
-
   def step(state: TrainState, aux, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    trained = state
+    if n is not None:
+      trained = state.replace(params=narrow_layers(state.params, n),
+                              opt_state=narrow_layers(state.opt_state, n))
     (loss, terms), grads = optim.accumulate_gradients(
-        lambda p, mb, r: grad_fn(p, aux, mb, r), state.params, batch, grad_accum, rng=rng)
-    new_state, grad_norm, finite = update(state, loss, grads)
+        lambda p, mb, r: grad_fn(p, aux, mb, r), trained.params, batch, grad_accum, rng=rng)
+    new_state, grad_norm, finite = guarded_update(trained, plan.tx, loss, grads)
+    if n is not None:
+      new_state = new_state.replace(params=widen_layers(state.params, new_state.params),
+                                    opt_state=widen_layers(state.opt_state, new_state.opt_state))
     out = dict(terms)
-    out.update(grad_norm=grad_norm, param_norm=optax.tree.norm(state.params),
+    # The norm of the parameters the step returns: reading the old ones after an in-place
+    # write-back of n slices would make XLA copy every stack first.
+    out.update(grad_norm=grad_norm, param_norm=optax.tree.norm(new_state.params),
                finite=finite.astype(jnp.float32))
     return new_state, out
 
