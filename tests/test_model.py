@@ -292,10 +292,19 @@ def test_truncated_depth_equals_the_first_layers():
     run(cfg, params, ids, types, mask, num_layers=5)
 
 
+def _cut_stack(params, k):
+  """`params` with the encoder's layer stack cut to its first k slices (what the training
+  step hands a truncated phase's loss)."""
+  return {**params, "encoder": {**params["encoder"], "layers": jax.tree.map(
+      lambda a: a[:k], params["encoder"]["layers"])}}
+
+
 def test_truncated_gradients_reach_only_the_first_layers():
   """The truncated loop reads layer i out of the full stack (no slice copy), so its gradient
   is a full-depth tree: equal to the full model's for the first k layers, zero above, also
-  unrolled, under remat and with Q/K/V returned; with dropout on it still runs."""
+  unrolled, under remat and with Q/K/V returned; with dropout on it still runs. Given a stack
+  already cut to k layers it scans over it instead: the same gradients, k deep, and the same
+  dropout masks."""
   cfg = preset("mobilebert_micro")  # 4 layers
   params = random_params(cfg)
   ids, types, mask, positions = batch(cfg)
@@ -317,6 +326,12 @@ def test_truncated_gradients_reach_only_the_first_layers():
       if name.startswith("encoder/layers/"):
         np.testing.assert_allclose(g[:k], w[:k], rtol=2e-5, atol=2e-6, err_msg=(variant, name))
         assert not np.any(np.asarray(g[k:])), (variant, name)
+    cut = jax.jit(jax.grad(lambda p: loss(c, p, k)))(_cut_stack(params, k))
+    for (path, g), w in zip(traverse_util.flatten_dict(cut).items(),
+                            jax.tree.leaves(traverse_util.flatten_dict(want))):
+      want_g = w[:k] if "/".join(path).startswith("encoder/layers/") else w
+      assert g.shape == want_g.shape, (variant, path)
+      np.testing.assert_allclose(g, want_g, rtol=2e-5, atol=2e-6, err_msg=str((variant, path)))
   want_qkv = jax.jit(jax.grad(lambda p: loss(cfg, p, None, True)))(params)
   got_qkv = jax.jit(jax.grad(lambda p: loss(cfg, p, k, True)))(params)
   for g, w in zip(jax.tree.leaves(got_qkv), jax.tree.leaves(want_qkv)):
@@ -326,6 +341,10 @@ def test_truncated_gradients_reach_only_the_first_layers():
                                                 deterministic=False, num_layers=k,
                                                 rngs={"dropout": r}))(params, jax.random.key(3))
   assert len(out.hidden_states) == k + 1 and np.all(np.isfinite(out.hidden_states[k]))
+  out_cut = jax.jit(lambda p, r: build(noisy).apply(
+      {"params": p}, ids, types, mask, positions, deterministic=False, num_layers=k,
+      rngs={"dropout": r}))(_cut_stack(params, k), jax.random.key(3))
+  np.testing.assert_allclose(out_cut.hidden_states[k], out.hidden_states[k], rtol=1e-6, atol=1e-6)
 
 
 def test_without_layer_outputs_the_heads_and_gradients_are_unchanged():

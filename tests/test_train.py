@@ -303,9 +303,9 @@ def test_a_truncated_phase_updates_only_its_layers_and_equals_the_full_update():
     plan = train.StagePlan(name=stage.name, steps=10, tx=tx, loss=loss,
                            learning_rate=lambda s: 1e-2, active_layers=active)
     raw = train.make_train_step(plan, 0, 1)
-    program = str(jax.make_jaxpr(raw)(state0(), None, {"ids": ids}))
+    program = jax.make_jaxpr(raw)(state0(), None, {"ids": ids}).jaxpr
     # The narrowed step writes the updated slices (params, mu, nu) back in place.
-    write_backs.append(program.count("dynamic_update_slice"))
+    write_backs.append(sum(e.primitive.name == "dynamic_update_slice" for e in program.eqns))
     if active:
       # In place means in place: no copy of a whole stacked kernel in the compiled step (a
       # read of the old stacks after the write-back, such as their norm, made XLA copy each).
@@ -320,7 +320,7 @@ def test_a_truncated_phase_updates_only_its_layers_and_equals_the_full_update():
   narrow, full = finals
   stacked = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(params)
                 if "encoder/layers/" in optim.param_path(path))
-  assert write_backs[0] - write_backs[1] == 3 * stacked, write_backs
+  assert write_backs == [3 * stacked, 0], write_backs
   for a, b in zip(jax.tree.leaves(narrow.params), jax.tree.leaves(full.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   for a, b in zip(jax.tree.leaves(narrow.opt_state), jax.tree.leaves(full.opt_state)):
