@@ -90,24 +90,29 @@ def fresh_opt_state(tx, params, opt_shardings, previous=None, reset: bool = True
   return jax.tree_util.tree_map_with_path(keep_moments, state, previous)
 
 
-def guarded_update(state: TrainState, tx, loss, grads) -> tuple[TrainState, jax.Array, jax.Array]:
+def guarded_update(state: TrainState, tx, loss, grads
+                   ) -> tuple[TrainState, jax.Array, jax.Array, jax.Array]:
   """One optimizer update, skipped (and counted) when the loss, the gradient or the updated
   parameters are not finite, so no checkpoint can ever hold a non-finite parameter.
 
-  Returns (new state, gradient norm, finite flag).
+  Returns (new state, gradient norm, finite flag, norm of the new state's parameters).
   """
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+  params_norm = optax.tree.norm(params)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(params_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  # The guard's norm is the kept parameters' norm unless the step is skipped; only then is
+  # the old tree read again (a whole pass over the parameters saved on every other step).
+  params_norm = jax.lax.cond(finite, lambda: params_norm, lambda: optax.tree.norm(state.params))
   return TrainState(
       step=state.step + 1,
       params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),
       nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
       skipped=(state.skipped + (~finite).astype(jnp.int32)).astype(jnp.int32),
-  ), grad_norm, finite
+  ), grad_norm, finite, params_norm
 
 
 # ============================================================================ the task interface
@@ -352,15 +357,21 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
   return report
 
 
-def _map_layers(fn: Callable, tree: Any, *rest: Any) -> Any:
-  """`fn` on every leaf stacked on the encoder's layer axis (params, gradients and optimizer
-  moments alike: their paths name `encoder/layers/`); other leaves come from the last tree."""
-  marker = "/" + optim.LAYER_AXIS_PREFIX
+def _stacked(path, leaf) -> bool:
+  """Stacked on the encoder's layer axis (params, gradients and optimizer moments alike:
+  their paths name `encoder/layers/`)."""
+  return "/" + optim.LAYER_AXIS_PREFIX in "/" + optim.param_path(path) and jnp.ndim(leaf) >= 1
 
+
+def _map_layers(fn: Callable, tree: Any, *rest: Any) -> Any:
+  """`fn` on every layer-stacked leaf; other leaves come from the last tree."""
   def one(path, leaf, *others):
-    stacked = marker in "/" + optim.param_path(path) and jnp.ndim(leaf) >= 1
-    return fn(leaf, *others) if stacked else (others[-1] if others else leaf)
+    return fn(leaf, *others) if _stacked(path, leaf) else (others[-1] if others else leaf)
   return jax.tree_util.tree_map_with_path(one, tree, *rest)
+
+
+def _layer_leaves(tree: Any) -> list:
+  return [x for path, x in jax.tree_util.tree_leaves_with_path(tree) if _stacked(path, x)]
 
 
 def narrow_layers(tree: Any, n: int) -> Any:
@@ -397,15 +408,17 @@ def make_train_step(plan: StagePlan, seed: int, grad_accum: int) -> Callable:
                               opt_state=narrow_layers(state.opt_state, n))
     (loss, terms), grads = optim.accumulate_gradients(
         lambda p, mb, r: grad_fn(p, aux, mb, r), trained.params, batch, grad_accum, rng=rng)
-    new_state, grad_norm, finite = guarded_update(trained, plan.tx, loss, grads)
+    new_state, grad_norm, finite, param_norm = guarded_update(trained, plan.tx, loss, grads)
     if n is not None:
       new_state = new_state.replace(params=widen_layers(state.params, new_state.params),
                                     opt_state=widen_layers(state.opt_state, new_state.opt_state))
+      # Plus the slices the phase leaves alone, read from the written-back stacks: reading the
+      # old ones after an in-place write-back would make XLA copy every stack first.
+      untouched = sum(jnp.sum(jnp.square(x[n:].astype(jnp.float32)))
+                      for x in _layer_leaves(new_state.params))
+      param_norm = jnp.sqrt(param_norm ** 2 + untouched)
     out = dict(terms)
-    # The norm of the parameters the step returns: reading the old ones after an in-place
-    # write-back of n slices would make XLA copy every stack first.
-    out.update(grad_norm=grad_norm, param_norm=optax.tree.norm(new_state.params),
-               finite=finite.astype(jnp.float32))
+    out.update(grad_norm=grad_norm, param_norm=param_norm, finite=finite.astype(jnp.float32))
     return new_state, out
 
   return step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import re
@@ -316,7 +317,15 @@ def test_a_truncated_phase_updates_only_its_layers_and_equals_the_full_update():
     state = state0()
     for _ in range(3):
       state, out = step(state, None, {"ids": ids})
+      # param_norm is the norm of the parameters the step returns, without a second pass.
+      np.testing.assert_allclose(out["param_norm"], optax.tree.norm(state.params), rtol=1e-6)
     finals.append(state)
+    nan_ids = {"ids": ids, "nan": jnp.float32(jnp.nan)}
+    bad_plan = dataclasses.replace(plan, loss=lambda p, aux, b, r: jax.tree.map(
+        lambda x: x * b["nan"], loss(p, aux, b, r)))
+    skipped, bad = jax.jit(train.make_train_step(bad_plan, 0, 1))(state, None, nan_ids)
+    assert float(bad["finite"]) == 0.0 and int(skipped.skipped) == 1
+    np.testing.assert_allclose(bad["param_norm"], optax.tree.norm(state.params), rtol=1e-6)
   narrow, full = finals
   stacked = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(params)
                 if "encoder/layers/" in optim.param_path(path))
