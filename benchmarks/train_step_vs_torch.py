@@ -6,7 +6,8 @@
 One process measures, in alternating rounds so that a busy machine hurts every contender alike:
   ours          jitted forward + backward + optax update, MLM head on the masked positions
                 only (as TF1 and mbert-jax train), params and optimizer state donated;
-  ours_full     the same step computing full-sequence MLM logits (what the torch model does);
+  ours_full     the same step with the torch model's MLM work: logits and softmax at every
+                position, the loss averaged over the masked ones;
   torch         MobileBertForPreTraining + torch.optim.AdamW; labels are -100 except the
                 masked positions, so the loss is the same but the full-vocabulary head still
                 runs on every position (HF has no gathered-position path).
@@ -101,12 +102,18 @@ def jax_steps(cfg, batch, args):
     tx = optax.lamb(args.lr, weight_decay=args.weight_decay)
   opt_state = jax.jit(tx.init)(params)
 
+  labels = jnp.asarray(batch["labels"], jnp.int32)
+
   def loss_fn(p, full: bool):
     out = model.apply({"params": p}, ids, types, mask, None if full else pos)
-    logits = out.mlm_logits
-    if full:  # the torch model's work: every position through the head, loss on the masked
-      logits = jnp.take_along_axis(logits, pos[..., None], axis=1)
-    mlm = optax.softmax_cross_entropy_with_integer_labels(logits, masked_ids).mean()
+    if full:  # the torch model's work: every position through the head and the softmax,
+      # the loss averaged over the masked ones (CrossEntropyLoss with ignore_index=-100)
+      weight = (labels >= 0).astype(jnp.float32)
+      per_token = optax.softmax_cross_entropy_with_integer_labels(
+          out.mlm_logits, jnp.maximum(labels, 0))
+      mlm = jnp.sum(per_token * weight) / jnp.sum(weight)
+    else:
+      mlm = optax.softmax_cross_entropy_with_integer_labels(out.mlm_logits, masked_ids).mean()
     return mlm + optax.softmax_cross_entropy_with_integer_labels(out.nsp_logits, nsp).mean()
 
   def make(full):

@@ -432,3 +432,22 @@ def test_masked_position_gather_equals_slicing_full_logits():
   assert full.mlm_logits.shape == (B, T, cfg.vocab_size)
   sliced = np.asarray(full.mlm_logits)[np.arange(B)[:, None], positions]
   np.testing.assert_allclose(gathered.mlm_logits, sliced, rtol=1e-5, atol=1e-5)
+
+
+def test_mlm_logits_are_the_same_with_the_joined_and_the_split_output_table():
+  """Many rows take one product over [word table | extra_output_weights], few rows two
+  products summed (mobilebert.MLMPredictions): the same logits either way."""
+  from mbert_jax.models.mobilebert import MLMPredictions
+  cfg = preset("mobilebert_micro")  # hidden 64, embedding 16: 128 rows join, 8 rows split
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(128, cfg.hidden_size)), jnp.float32)
+  word = jnp.asarray(rng.normal(size=(cfg.vocab_size, cfg.embedding_size)), jnp.float32)
+  head = MLMPredictions(cfg)
+  variables = nn.unbox(head.init(jax.random.key(0), h[:8], word))
+  variables = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), variables)
+  apply = jax.jit(lambda x: head.apply(variables, x, word))
+  joined = apply(h)
+  split = jnp.concatenate([apply(h[i:i + 8]) for i in range(0, 128, 8)])
+  np.testing.assert_allclose(joined, split, rtol=1e-5, atol=1e-4)
+  extra = np.asarray(variables["params"]["extra_output_weights"])
+  assert np.abs(np.asarray(joined)).max() > 1 and extra.shape[1] == cfg.hidden_size - cfg.embedding_size
