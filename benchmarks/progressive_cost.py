@@ -30,7 +30,7 @@ parser.add_argument("--teacher", default="ib_bert_large")
 parser.add_argument("--batch", type=int, default=2)
 parser.add_argument("--seq", type=int, default=64)
 parser.add_argument("--layers", default="1,6,12,18,24")
-parser.add_argument("--steps", type=int, default=5, help="timed steps per variant and phase")
+parser.add_argument("--steps", type=int, default=7, help="timed steps per variant and phase")
 parser.add_argument("--ab", action="store_true",
                     help="also time the truncated phase as it ran before issue 14, in the same "
                          "alternating rounds: scanning a slice params[:l] (a copy of l layers, "

@@ -90,29 +90,24 @@ def fresh_opt_state(tx, params, opt_shardings, previous=None, reset: bool = True
   return jax.tree_util.tree_map_with_path(keep_moments, state, previous)
 
 
-def guarded_update(state: TrainState, tx, loss, grads
-                   ) -> tuple[TrainState, jax.Array, jax.Array, jax.Array]:
+def guarded_update(state: TrainState, tx, loss, grads) -> tuple[TrainState, jax.Array, jax.Array]:
   """One optimizer update, skipped (and counted) when the loss, the gradient or the updated
   parameters are not finite, so no checkpoint can ever hold a non-finite parameter.
 
-  Returns (new state, gradient norm, finite flag, norm of the new state's parameters).
+  Returns (new state, gradient norm, finite flag).
   """
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  params_norm = optax.tree.norm(params)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(params_norm)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  # The guard's norm is the kept parameters' norm unless the step is skipped; only then is
-  # the old tree read again (a whole pass over the parameters saved on every other step).
-  params_norm = jax.lax.cond(finite, lambda: params_norm, lambda: optax.tree.norm(state.params))
   return TrainState(
       step=state.step + 1,
       params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),
       nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
       skipped=(state.skipped + (~finite).astype(jnp.int32)).astype(jnp.int32),
-  ), grad_norm, finite, params_norm
+  ), grad_norm, finite
 
 
 # ============================================================================ the task interface
@@ -311,6 +306,7 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
           _check_nonfinite(state, step, int(tc.max_nonfinite_steps), ckpt)
         if at_log:
           host = {k: float(v) for k, v in jax.device_get(out).items()}
+          host["param_norm"] = float(parameter_norm(state.params))
           host.pop("finite", None)
           host.update(learning_rate=float(plan.learning_rate(step - stage_start - 1)),
                       stage=float(idx), skipped_steps=float(jax.device_get(state.skipped)))
@@ -370,10 +366,6 @@ def _map_layers(fn: Callable, tree: Any, *rest: Any) -> Any:
   return jax.tree_util.tree_map_with_path(one, tree, *rest)
 
 
-def _layer_leaves(tree: Any) -> list:
-  return [x for path, x in jax.tree_util.tree_leaves_with_path(tree) if _stacked(path, x)]
-
-
 def narrow_layers(tree: Any, n: int) -> Any:
   """The first `n` slices of every layer-stacked leaf."""
   return _map_layers(lambda x: x[:n], tree)
@@ -383,6 +375,9 @@ def widen_layers(full: Any, narrow: Any) -> Any:
   """`full` with its leading layer slices replaced by `narrow`'s (in place when donated)."""
   return _map_layers(lambda f, s: jax.lax.dynamic_update_slice_in_dim(f, s.astype(f.dtype), 0, 0),
                      full, narrow)
+
+
+parameter_norm = jax.jit(optax.tree.norm)  # logged at log steps only, not in every step
 
 
 def make_train_step(plan: StagePlan, seed: int, grad_accum: int) -> Callable:
@@ -408,17 +403,15 @@ def make_train_step(plan: StagePlan, seed: int, grad_accum: int) -> Callable:
                               opt_state=narrow_layers(state.opt_state, n))
     (loss, terms), grads = optim.accumulate_gradients(
         lambda p, mb, r: grad_fn(p, aux, mb, r), trained.params, batch, grad_accum, rng=rng)
-    new_state, grad_norm, finite, param_norm = guarded_update(trained, plan.tx, loss, grads)
+    new_state, grad_norm, finite = guarded_update(trained, plan.tx, loss, grads)
     if n is not None:
       new_state = new_state.replace(params=widen_layers(state.params, new_state.params),
                                     opt_state=widen_layers(state.opt_state, new_state.opt_state))
-      # Plus the slices the phase leaves alone, read from the written-back stacks: reading the
-      # old ones after an in-place write-back would make XLA copy every stack first.
-      untouched = sum(jnp.sum(jnp.square(x[n:].astype(jnp.float32)))
-                      for x in _layer_leaves(new_state.params))
-      param_norm = jnp.sqrt(param_norm ** 2 + untouched)
+    # No param_norm here: the loop takes it at log steps (`parameter_norm`); in the step it
+    # was a pass over every parameter each step, and reading the old stacks alongside the
+    # in-place write-back made XLA copy every stack first.
     out = dict(terms)
-    out.update(grad_norm=grad_norm, param_norm=param_norm, finite=finite.astype(jnp.float32))
+    out.update(grad_norm=grad_norm, finite=finite.astype(jnp.float32))
     return new_state, out
 
   return step
