@@ -353,16 +353,14 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
   return report
 
 
-def _stacked(path, leaf) -> bool:
-  """Stacked on the encoder's layer axis (params, gradients and optimizer moments alike:
-  their paths name `encoder/layers/`)."""
-  return "/" + optim.LAYER_AXIS_PREFIX in "/" + optim.param_path(path) and jnp.ndim(leaf) >= 1
-
-
 def _map_layers(fn: Callable, tree: Any, *rest: Any) -> Any:
-  """`fn` on every layer-stacked leaf; other leaves come from the last tree."""
+  """`fn` on every leaf stacked on the encoder's layer axis (params, gradients and optimizer
+  moments alike: their paths name `encoder/layers/`); other leaves come from the last tree."""
+  marker = "/" + optim.LAYER_AXIS_PREFIX
+
   def one(path, leaf, *others):
-    return fn(leaf, *others) if _stacked(path, leaf) else (others[-1] if others else leaf)
+    stacked = marker in "/" + optim.param_path(path) and jnp.ndim(leaf) >= 1
+    return fn(leaf, *others) if stacked else (others[-1] if others else leaf)
   return jax.tree_util.tree_map_with_path(one, tree, *rest)
 
 
@@ -386,9 +384,10 @@ def make_train_step(plan: StagePlan, seed: int, grad_accum: int) -> Callable:
   With `plan.active_layers = n` the loss sees only the first n layer slices of the student's
   stack, the gradients have that depth, and the update (clipping, optimizer, guard) runs on
   them and writes them back in place, so a truncated phase costs its depth. Differentiating
-  the whole stack instead would zero a full-depth gradient every step, and would put the
-  donated stack into the forward loop, which makes XLA copy all of it (twice) before the
-  in-place write-back; the n-layer slice is the cheaper copy (benchmarks/progressive_cost.py).
+  the whole stack instead would zero a full-depth gradient every step and, in the layer loop's
+  backward, add a stack-sized cotangent every iteration; the n-layer slice is the cheaper copy
+  (benchmarks/progressive_cost.py). Nothing may read the old stacks after the write-back, or
+  XLA copies each of them first (test_train.py checks the compiled step).
   """
   n = plan.active_layers
 
