@@ -14,7 +14,7 @@ Cases, `<kind>_<seq>` (20 masked predictions per sequence at 128, 80 at 512: BER
   pktL_S      PKT phase L (layer-wise transfer of layer L; teacher and student truncated to
               their first L layers, as the loop runs the phase).
 Default: scratch_128, pd_128, teacher_128, pkt1_128, pkt24_128, scratch_512, pd_512, teacher_512.
-Every train step is the loop's own (`train.make_train_step` on `pretrain.compute_loss`, LAMB with
+Every train step is the loop's own (`training.make_train_step` on `objective.compute_loss`, LAMB with
 the distillation config's optimizer fields, state donated); params, optimizer state and losses
 are float32, matmuls bfloat16. Each step is timed from the call to `block_until_ready` with the
 batch already on the device; the table shows the median of --steps after --warmup.
@@ -28,7 +28,7 @@ last two plans when it does not fit or leaves more than 10% unused (at most thre
 compiles, within the deadline); RESOURCE_EXHAUSTED at compile or run halves it. Without a known
 limit (CPU) the batch stays fixed at 8.
 
-FLOPs are analytic model FLOPs (`pretrain.stage_flops`: 2 x multiply-adds of the matmuls,
+FLOPs are analytic model FLOPs (`objective.stage_flops`: 2 x multiply-adds of the matmuls,
 training = 3 x student forward + teacher forward); MFU divides by the chip's dense bf16 peak
 (`metrics.peak_flops`), "n/a" where unknown. Memory is the compiled step's plan (XLA buffer
 assignment): the figure the step needs at its peak. --budget_s is a deadline for the whole run:
@@ -159,8 +159,14 @@ import numpy as np  # noqa: E402
 from common import synthetic_batch  # noqa: E402
 from configs import distill_mobilebert  # noqa: E402
 
-from mbert_jax import metrics, optim, pretrain, schedule, sharding, train  # noqa: E402
-from mbert_jax import teacher as teacher_lib  # noqa: E402
+from mbert_jax.models import build, example_inputs
+from mbert_jax.training import metrics  # noqa: E402
+from mbert_jax.training import optim  # noqa: E40from mbert_jax.distill import objective
+from mbert_jax.distill import config as distill_config02
+from mbert_jax.distill import schedule  # noqa: E402
+from mbert_jax.training import sharding  # noqa: E402
+from mbert_jax import training  # noqa: E402
+from mbert_jax.distill import teacher as teacher_lib  # noqa: E402
 from mbert_jax.models import build, preset  # noqa: E402
 from mbert_jax.models import summary as model_summary  # noqa: E402
 
@@ -212,15 +218,15 @@ class Env:
     # The run configs the loop would read: kt, optimizer fields, dropout, the schedules.
     self.kd_conf = distill_mobilebert.get_config("bf16=True")
     self.scratch_conf = distill_mobilebert.get_config("preset=scratch,bf16=True")
-    self.opt_cfg = pretrain.optimizer_config(self.kd_conf)
-    self.pkt_stages = pretrain.build_stages(self.kd_conf, self.L)
-    self.scratch_stage = pretrain.build_stages(self.scratch_conf, self.L)[0]
+    self.opt_cfg = distill_config.optimizer_config(self.kd_conf)
+    self.pkt_stages = distill_config.build_stages(self.kd_conf, self.L)
+    self.scratch_stage = distill_config.build_stages(self.scratch_conf, self.L)[0]
     self.plan = teacher_lib.check_transfer(self.kd_conf.kt, self.pkt_stages, self.s_cfg, self.t_cfg,
                                            True)
     self.kt = dict(self.kd_conf.kt.to_dict())
     self.kt.update(num_student_layers=self.L, num_teacher_layers=self.t_cfg.num_hidden_layers)
-    _, self.s_abs, self.s_sh = sharding.abstract_params(self.s_cfg, self.mesh, self.rules)
-    _, self.t_abs, self.t_sh = sharding.abstract_params(self.t_cfg, self.mesh, self.rules)
+    _, self.s_abs, self.s_sh = sharding.abstract_params(build(self.s_cfg), example_inputs(self.s_cfg), self.mesh, self.rules)
+    _, self.t_abs, self.t_sh = sharding.abstract_params(build(self.t_cfg), example_inputs(self.t_cfg), self.mesh, self.rules)
     self.t_abs = sharding.with_shardings(self.t_abs, self.t_sh)
     proj = teacher_lib.init_transfer_params(self.kd_conf.kt, self.s_cfg, self.t_cfg,
                                             jax.random.fold_in(jax.random.key(0), 1))
@@ -252,12 +258,12 @@ class Env:
   # ---- params (initialised once; each case trains a fresh copy, the state being donated)
   def student_params(self):
     if self._s_params is None:
-      self._s_params, _ = sharding.init_params(self.s_cfg, 0, self.mesh, self.rules)
+      self._s_params, _ = sharding.init_params(build(self.s_cfg), example_inputs(self.s_cfg), 0, self.mesh, self.rules)
     return self._s_params
 
   def teacher_params(self):
     if self._t_params is None:
-      self._t_params, _ = sharding.init_params(self.t_cfg, 1, self.mesh, self.rules)
+      self._t_params, _ = sharding.init_params(build(self.t_cfg), example_inputs(self.t_cfg), 1, self.mesh, self.rules)
     return self._t_params
 
   def fresh_student(self, with_projection: bool):
@@ -319,9 +325,8 @@ class Program:
       dropout, teacher = bool(env.kd_conf.train.dropout), True
     if case.kind == "pd":
       assert stage.name == "pd", stage.name
-    ctx = pretrain.LossContext(env.s_model, env.t_model if teacher else None, stage, env.kt,
-                               dropout, env.L, env.t_cfg.num_hidden_layers if teacher else None,
-                               plan=env.plan if teacher else None)
+    ctx = objective.LossContext(env.s_model, env.t_model if teacher else None, stage, env.kt,
+                                dropout, plan=env.plan if teacher else None)
     abs_params, p_sh = env.s_abs, env.s_sh
     if teacher and env.projection is not None:
       proj_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), env.projection)
@@ -330,21 +335,21 @@ class Program:
     tx = optim.build_optimizer(env.opt_cfg, abs_params,
                                schedule.lr_multiplier_tree(stage, abs_params),
                                lr_schedule=stage.learning_rate)
-    plan = train.StagePlan(name=stage.name, steps=stage.steps, tx=tx,
-                           loss=lambda p, aux, b, r: pretrain.compute_loss(ctx, p, aux, b, r),
+    plan = training.StagePlan(name=stage.name, steps=stage.steps, tx=tx,
+                           loss=lambda p, aux, b, r: objective.compute_loss(ctx, p, aux, b, r),
                            learning_rate=lambda s: float(stage.learning_rate(s)),
-                           active_layers=pretrain.active_layers(stage, env.L))
-    self.st_sh = train.state_shardings(p_sh, tx, abs_params, env.mesh)
-    self.abs_state = train.abstract_state(self.st_sh, abs_params, tx)
+                           trained=objective.first_layers_subset(objective.trained_depth(stage, env.L)))
+    self.st_sh = training.state.state_shardings(p_sh, tx, abs_params, env.mesh)
+    self.abs_state = training.state.abstract_state(self.st_sh, abs_params, tx)
     self.tx, self.teacher = tx, teacher
     proto = env.batch_abstract(8, case.seq, case.preds)
     b_sh = {k: v.sharding for k, v in proto.items()}
-    self.fn = jax.jit(train.make_train_step(plan, 0, 1),
+    self.fn = jax.jit(training.make_train_step(plan, 0, 1),
                       in_shardings=(self.st_sh, env.t_sh if teacher else None, b_sh),
                       out_shardings=(self.st_sh, env.rep), donate_argnums=(0,))
     self.resident_args = tree_bytes(env.t_abs) if teacher else 0
     self.fixed_bytes = tree_bytes(self.abs_state) + self.resident_args
-    self.flops = pretrain.stage_flops(ctx, env.s_cfg, env.t_cfg if teacher else None, case.seq,
+    self.flops = objective.stage_flops(ctx, env.s_cfg, env.t_cfg if teacher else None, case.seq,
                                       case.preds)
 
   def abstract_args(self, batch: int):
@@ -393,7 +398,7 @@ class Program:
       params = env.fresh_student(self.teacher)
       zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), env.rep)
       opt_state = jax.jit(self.tx.init, out_shardings=self.st_sh.opt_state)(params)
-      state = train.TrainState(step=zero(), params=params, opt_state=opt_state,
+      state = training.TrainState(step=zero(), params=params, opt_state=opt_state,
                                nonfinite=zero(), skipped=zero())
       aux = env.teacher_params() if self.teacher else None
       del params, opt_state

@@ -34,7 +34,7 @@ def synthetic_batch(vocab: int, batch: int, seq: int, preds: int, seed: int = 0)
 
 
 def scratch_stage(steps: int = 1000, lr: float = 1e-3):
-  from mbert_jax import schedule
+  from mbert_jax.distill import schedule
   c = schedule.default_schedule_config()
   c.name = "scratch"
   c.distill_steps = steps
@@ -46,21 +46,25 @@ def scratch_stage(steps: int = 1000, lr: float = 1e-3):
 def compiled_step(s_cfg, stage, mesh, batch, *, teacher_cfg=None, teacher_params=None,
                   optimizer: str = "lamb", seed: int = 0):
   """(compiled step, initial state) for `stage`, sharded over `mesh` by the default rules:
-  the training loop's own step (mbert_jax.train.make_train_step) on the pretraining task's loss."""
+  the training loop's own step (mbert_jax.training.step.make_train_step) on the pretraining task's loss."""
   from configs.common import kt_section
-  from mbert_jax import optim, pretrain, schedule, sharding, train
-  from mbert_jax import teacher as teacher_lib
-  from mbert_jax.models import build
+  from mbert_jax.training import optim
+  from mbert_jax.distill import objective
+  from mbert_jax.distill import schedule
+  from mbert_jax.training import sharding
+  from mbert_jax import training
+  from mbert_jax.distill import teacher as teacher_lib
+  from mbert_jax.models import build, example_inputs
   rules = sharding.DEFAULT_RULES
-  params, p_sh = sharding.init_params(s_cfg, seed, mesh, rules)
+  params, p_sh = sharding.init_params(build(s_cfg), example_inputs(s_cfg), seed, mesh, rules)
   abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
   o = optim.default_optimizer_config()
   o.name, o.schedule, o.warmup_steps = optimizer, "constant", 0
   tx = optim.build_optimizer(o, abs_params, schedule.lr_multiplier_tree(stage, abs_params),
                              lr_schedule=stage.learning_rate)
-  st_sh = train.state_shardings(p_sh, tx, abs_params, mesh)
+  st_sh = training.state.state_shardings(p_sh, tx, abs_params, mesh)
   zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-  state = train.TrainState(step=zero(), params=params,
+  state = training.TrainState(step=zero(), params=params,
                            opt_state=jax.jit(tx.init, out_shardings=st_sh.opt_state)(params),
                            nonfinite=zero(), skipped=zero())
   teacher = build(teacher_cfg) if teacher_cfg is not None else None
@@ -73,15 +77,15 @@ def compiled_step(s_cfg, stage, mesh, batch, *, teacher_cfg=None, teacher_params
     plan = teacher_lib.check_transfer(kt, [stage], s_cfg, teacher_cfg, True)
   kt = dict(kt.to_dict(), num_student_layers=s_cfg.num_hidden_layers,
             num_teacher_layers=t_layers or s_cfg.num_hidden_layers)
-  ctx = pretrain.LossContext(build(s_cfg), teacher, stage, kt, False, s_cfg.num_hidden_layers,
-                             t_layers, plan=plan)
-  plan = train.StagePlan(name=stage.name, steps=stage.steps, tx=tx,
-                         loss=lambda p, aux, b, r: pretrain.compute_loss(ctx, p, aux, b, r),
+  ctx = objective.LossContext(build(s_cfg), teacher, stage, kt, False, plan=plan)
+  plan = training.StagePlan(name=stage.name, steps=stage.steps, tx=tx,
+                         loss=lambda p, aux, b, r: objective.compute_loss(ctx, p, aux, b, r),
                          learning_rate=lambda step: float(stage.learning_rate(step)),
-                         active_layers=pretrain.active_layers(stage, s_cfg.num_hidden_layers))
+                         trained=objective.first_layers_subset(
+                             objective.trained_depth(stage, s_cfg.num_hidden_layers)))
   b_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
   t_sh = jax.tree.map(lambda a: a.sharding, teacher_params) if teacher_params is not None else None
-  fn = jax.jit(train.make_train_step(plan, seed, 1), in_shardings=(st_sh, t_sh, b_sh),
+  fn = jax.jit(training.make_train_step(plan, seed, 1), in_shardings=(st_sh, t_sh, b_sh),
                out_shardings=(st_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   gbatch = {k: jax.device_put(v, b_sh[k]) for k, v in batch.items()}
   return fn, state, gbatch, st_sh

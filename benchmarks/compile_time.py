@@ -14,7 +14,7 @@ from common import compiled_step, scratch_stage, synthetic_batch
 
 import jax
 
-from mbert_jax import sharding
+from mbert_jax.training import sharding
 from mbert_jax.models import preset
 
 parser = argparse.ArgumentParser()

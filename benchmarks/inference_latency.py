@@ -5,7 +5,7 @@ the jitted Flax model, and transformers' PyTorch model in eager mode; plus file 
         [--rounds=5] [--calls=10] [--threads=N] [--out=DIR]
 
 One process, one set of random weights (latency does not depend on their values): the Flax
-classifier's params go through `mbert_jax.onnx_export` (Hugging Face model -> torch.onnx ->
+classifier's params go through `mbert_jax.interop.onnx_export` (Hugging Face model -> torch.onnx ->
 fp32 .onnx; ONNX Runtime dynamic quantization -> int8 .onnx) and `onnx_export.torch_model`
 (the same weights in `MobileBertForSequenceClassification`). Contenders are timed in
 alternating rounds, each round in a rotated order, so that a busy shared machine hurts all of
@@ -78,7 +78,7 @@ def torch_contender(model, batch):
 
 
 def onnx_contender(path: str, threads: int, batch):
-  from mbert_jax import onnx_export as ox
+  from mbert_jax.interop import onnx_export as ox
   sess = ox.session(path, threads)
   return lambda: ox.run_session(sess, batch)["logits"]
 
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
   import jax
   import torch
 
-  from mbert_jax import onnx_export as ox
+  from mbert_jax.interop import onnx_export as ox
   from mbert_jax.models import build_classifier, preset
 
   torch.set_num_threads(args.threads)

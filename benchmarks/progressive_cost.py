@@ -21,7 +21,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from mbert_jax import pretrain, schedule, sharding, train
+from mbert_jax.models import build, example_inputs
+from mbert_jax.distill import objective
+from mbert_jax.distill import schedule
+from mbert_jax.training import sharding
 from mbert_jax.models import mobilebert, preset
 
 parser = argparse.ArgumentParser()
@@ -41,7 +44,7 @@ s_cfg = preset(args.student, max_position_embeddings=max(args.seq, 512))
 t_cfg = preset(args.teacher)
 L = s_cfg.num_hidden_layers
 mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-t_params, _ = sharding.init_params(t_cfg, 1, mesh, sharding.DEFAULT_RULES)
+t_params, _ = sharding.init_params(build(t_cfg), example_inputs(t_cfg), 1, mesh, sharding.DEFAULT_RULES)
 batch = synthetic_batch(s_cfg.vocab_size, args.batch, args.seq, 10)
 sc = schedule.default_schedule_config()
 sc.name = "pkt"
@@ -58,13 +61,13 @@ def _sliced_first_layers(self, x, mask_bias, deterministic, k, return_qkv, layer
 
 @contextlib.contextmanager
 def before_issue_14():
-  saved = mobilebert.Encoder._first_layers, pretrain.active_layers
+  saved = mobilebert.Encoder._first_layers, objective.trained_depth
   mobilebert.Encoder._first_layers = _sliced_first_layers
-  pretrain.active_layers = lambda stage, num_layers: None
+  objective.trained_depth = lambda stage, num_layers: None
   try:
     yield
   finally:
-    mobilebert.Encoder._first_layers, pretrain.active_layers = saved
+    mobilebert.Encoder._first_layers, objective.trained_depth = saved
 
 
 def prepared(stage, old: bool = False):

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from common import compiled_step, scratch_stage, synthetic_batch  # noqa: E402
 
-from mbert_jax import sharding  # noqa: E402
+from mbert_jax.training import sharding  # noqa: E402
 from mbert_jax.models import preset  # noqa: E402
 
 

@@ -32,7 +32,9 @@ from common import compiled_step, scratch_stage, synthetic_batch
 
 import jax
 
-from mbert_jax import schedule, sharding
+from mbert_jax.models import build, example_inputs
+from mbert_jax.distill import schedule
+from mbert_jax.training import sharding
 from mbert_jax.models import preset
 
 _NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -129,7 +131,7 @@ def main(argv=None):
   t_cfg = t_params = None
   if stage.needs_teacher:
     t_cfg = preset(args.teacher)
-    t_params, _ = sharding.init_params(t_cfg, 1, mesh, sharding.DEFAULT_RULES)
+    t_params, _ = sharding.init_params(build(t_cfg), example_inputs(t_cfg), 1, mesh, sharding.DEFAULT_RULES)
   fn, state, gbatch, _ = compiled_step(cfg, stage, mesh, batch, teacher_cfg=t_cfg,
                                        teacher_params=t_params, optimizer=args.optimizer)
   names = hlo_op_names(fn.lower(state, t_params, gbatch).compile().as_text())

@@ -39,8 +39,13 @@ import optax  # noqa: E402
 
 from common import synthetic_batch  # noqa: E402
 
-from mbert_jax import losses, optim, schedule, sharding  # noqa: E402
-from mbert_jax import teacher_cache as tc  # noqa: E402
+from mbert_jax.models import build, example_inputs
+from mbert_jax.distill import losses  # noqa: E402
+from mbert_jax.training import optim  # noqa: E402
+from mbert_jax.distill import schedule  # noqa: E402
+from mbert_jax.training import sharding  # noqa: E402
+from mbert_jax.distill import cache_format, cache_writer  # noqa: E402
+from mbert_jax.distill import teacher_cache as tc  # noqa: E402
 from mbert_jax.models import build, preset  # noqa: E402
 from mbert_jax.models.summary import forward_flops  # noqa: E402
 
@@ -106,21 +111,22 @@ def write_bench_cache(directory: str, t_model, vocab: int, t_params, batch: dict
                                    vocab_size=vocab,
                                    batch_size=batch["input_ids"].shape[0])
   key = {"benchmark": {"k": k, "batch": geometry.batch_size}}
-  header = tc.make_header(key, settings, geometry, 1)
+  header = cache_writer.make_header(key, settings, geometry, 1)
   header["steps_per_shard"] = steps
-  from mbert_jax.workdir import write_json
-  write_json(os.path.join(directory, tc.HEADER_FILE), header)
-  os.makedirs(os.path.join(directory, tc.SHARD_DIR))
-  fn = jax.jit(tc.make_targets_fn(t_model, k, stage.temperature, settings.value_dtype,
-                                  np.dtype(header["index_dtype"])))
+  from mbert_jax.training.workdir import write_json
+  write_json(os.path.join(directory, cache_format.HEADER_FILE), header)
+  os.makedirs(os.path.join(directory, cache_format.SHARD_DIR))
+  fn = jax.jit(cache_writer.make_targets_fn(t_model, k, stage.temperature, settings.value_dtype,
+                                            np.dtype(header["index_dtype"])))
   values, indices, normalizer = (np.asarray(a) for a in fn(t_params, {
       name: jnp.asarray(v) for name, v in batch.items()}))
-  records = tc._records_from(values, indices, normalizer, tc.row_digests(batch),
-                             tc.header_record_dtype(header))
-  writer = tc.ShardWriter(os.path.join(directory, tc.SHARD_DIR, tc.shard_name(0, 0, 1)),
-                          {"cell": 0, "first_step": 0, "end_step": steps,
-                           "key_digest": header["key_digest"],
-                           "rows": [0, geometry.batch_size]})
+  records = cache_writer.records_from(values, indices, normalizer,
+                                      cache_format.row_digests(batch),
+                                      cache_format.header_record_dtype(header))
+  shard = os.path.join(directory, cache_format.SHARD_DIR, cache_format.shard_name(0, 0, 1))
+  writer = cache_writer.ShardWriter(shard, {"cell": 0, "first_step": 0, "end_step": steps,
+                                            "key_digest": header["key_digest"],
+                                            "rows": [0, geometry.batch_size]})
   for step in range(steps):
     writer.add(step, records)
   writer.close()
@@ -136,7 +142,7 @@ def main(argv=None) -> None:
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   rules = sharding.DEFAULT_RULES
   student, teacher = build(s_cfg), build(t_cfg)
-  t_params, _ = sharding.init_params(t_cfg, 1, mesh, rules)
+  t_params, _ = sharding.init_params(build(t_cfg), example_inputs(t_cfg), 1, mesh, rules)
   stage = pd_stage()
   host_batch = synthetic_batch(s_cfg.vocab_size, args.batch, args.seq, args.predictions)
   # Everything on one device under one sharding, so a step's outputs are valid inputs of the
@@ -146,7 +152,7 @@ def main(argv=None) -> None:
   batch = jax.device_put(host_batch, rep)
 
   def fresh_state():
-    params, _ = sharding.init_params(s_cfg, 0, mesh, rules)
+    params, _ = sharding.init_params(build(s_cfg), example_inputs(s_cfg), 0, mesh, rules)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
     o = optim.default_optimizer_config()
     o.schedule, o.warmup_steps = "constant", 0
@@ -158,7 +164,7 @@ def main(argv=None) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     cache = write_bench_cache(tmp, teacher, t_cfg.vocab_size, t_params, host_batch, k, steps,
                               stage)
-    raw = tc.header_record_dtype(cache.header).itemsize
+    raw = cache_format.header_record_dtype(cache.header).itemsize
     on_disk = cache.bytes_per_sequence
 
     runs = {}

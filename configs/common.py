@@ -10,7 +10,8 @@ import ml_collections
 
 from mbert_jax.data.config import default_data_config
 from mbert_jax.models.config import preset as model_preset
-from mbert_jax.schedule import default_schedule_config
+from mbert_jax.distill.schedule import default_schedule_config
+from mbert_jax.training import config as train_config
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -38,51 +39,17 @@ def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def train_section() -> ml_collections.ConfigDict:
-  """How a pretraining or distillation run trains. The learning rate belongs to the schedule
-  (`schedule.learning_rate`, `schedule.warmup_steps`, ...); pretraining configs add
-  `train.learning_rate`, `train.warmup_steps` and `train.end_factor` and the one stage follows
-  them (`pretraining_schedule`)."""
-  t = ml_collections.ConfigDict()
-  t.steps = -1                # the step to stop at; -1 = the schedule's end
-  t.optimizer = "lamb"        # lamb (TF1, no bias correction) | adamw | adamw_tf1 | adam
-  t.weight_decay = 0.01
-  t.clip_norm = 1.0
-  t.b1 = 0.9
-  t.b2 = 0.999
-  t.eps = 1e-6
-  t.grad_accum_steps = 1
-  t.log_every = 50
-  t.eval_every = 500
-  t.eval_steps = 10           # held-out batches per evaluation
-  t.checkpoint_every = 1000
-  t.keep_checkpoints = 3
-  t.async_checkpoint = True
-  t.seed = 0
-  t.compute_dtype = "float32"  # float32 | bfloat16 (params, optimizer state, losses stay fp32)
+  """How a pretraining or distillation run trains (mbert_jax/training/config.py). The learning
+  rate belongs to the schedule (`schedule.learning_rate`, `schedule.warmup_steps`, ...);
+  pretraining configs add `train.learning_rate`, `train.warmup_steps` and `train.end_factor`
+  and the one stage follows them (`pretraining_schedule`)."""
+  t = train_config.train_section()
   t.dropout = True            # False runs the student deterministically (TF1 KT/PD does)
-  t.max_nonfinite_steps = 20  # consecutive skipped steps before the run stops
-  t.progress_bar = True
-  t.compilation_cache_dir = ""  # persistent XLA cache; empty = off
   return t
 
 
-def mesh_section() -> ml_collections.ConfigDict:
-  m = ml_collections.ConfigDict()
-  m.data = -1
-  m.fsdp = 1
-  m.tensor = 1
-  m.logical_axis_rules = ()   # extra (logical, mesh axis) pairs, tried before the defaults
-  return m
-
-
-def distributed_section() -> ml_collections.ConfigDict:
-  d = ml_collections.ConfigDict()
-  d.initialize = "auto"       # auto: when the environment names a cluster (SLURM, TPU pod, ...)
-  d.coordinator_address = ""
-  d.num_processes = -1
-  d.process_id = -1
-  d.cpu_collectives = "gloo"  # multi-process CPU runs (tests, development)
-  return d
+mesh_section = train_config.mesh_section
+distributed_section = train_config.distributed_section
 
 
 def teacher_section() -> ml_collections.ConfigDict:
@@ -100,10 +67,11 @@ def teacher_section() -> ml_collections.ConfigDict:
 def kt_section() -> ml_collections.ConfigDict:
   k = ml_collections.ConfigDict()
   k.normalize_features = True     # official LN0 feature MSE; False = plain MSE
+  k.feature_over = "all"          # FMT and mean/var over all positions (official) | real tokens
   k.attention_over = "all"        # all positions (official) | real (non-padding query rows)
   k.attention_kind = "ce"         # ce (official, KL gradient) | kl
   k.tf1_all_layer_stats = False   # TF1 quirk: mean/var vs all teacher outputs
-  # Teachers of another shape (mbert_jax.teacher.check_transfer validates these before compile):
+  # Teachers of another shape (mbert_jax.distill.teacher.check_transfer validates these before compile):
   k.feature_transfer = "features"  # features (FMT + mean/var) | similarity (token-similarity MSE)
   k.feature_projection = "auto"    # auto (shared when widths differ) | shared | per_layer | none
   k.attention_transfer = "auto"    # auto (per_head if head counts match) | per_head | relation
@@ -113,7 +81,7 @@ def kt_section() -> ml_collections.ConfigDict:
 
 
 def teacher_cache_section() -> ml_collections.ConfigDict:
-  from mbert_jax.teacher_cache import default_cache_config
+  from mbert_jax.distill.teacher_cache import default_cache_config
   return default_cache_config()
 
 

@@ -24,6 +24,10 @@ def _demo_size(c):
   c.train.optimizer = "adamw"
   c.train.dropout = False
   c.train.eval_steps = 8
+  # At sequence length 64 BERT's pairing cuts what whole sentences overshoot an example: 26.5%
+  # of the built-in corpus's tokens (25.8% of its eval part) reach no example. That is the
+  # demo's size, not a data problem, so only a larger drop is warned about.
+  c.data.expected_drop_fraction = 0.30
   return c
 
 

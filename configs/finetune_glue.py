@@ -20,7 +20,7 @@ init and a vocabulary trained on the task's text, seq 64, 60 steps, at most 2,00
 """
 
 from configs import common
-from mbert_jax.finetune import tasks, trainer
+from mbert_jax.finetune import glue as tasks, task as trainer
 
 
 def get_config(arg=None):

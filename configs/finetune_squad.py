@@ -18,7 +18,7 @@ init, trained vocabulary, seq 128, 60 steps, at most 500 training and 200 evalua
 """
 
 from configs import common
-from mbert_jax.finetune import defaults, trainer
+from mbert_jax.finetune import defaults, task as trainer
 
 
 def get_config(arg=None):

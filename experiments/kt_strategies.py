@@ -20,7 +20,7 @@ Runs, all with T = L * steps_per_layer + distill_steps total steps (L = student 
 Pre-training distillation reads cached teacher logits where runs share it: pkt, pkt_freeze, jkt
 and both pkt variants end in the same PD stage (global steps L * steps_per_layer .. T, the same
 batches), so the sweep writes `{sweepdir}/teacher_cache` once, after the teacher and before the
-runs (mbert_jax.teacher_cache; top-k logits, k = `cache_k`), and their PD stages run without the
+runs (mbert_jax.distill.teacher_cache; top-k logits, k = `cache_k`), and their PD stages run without the
 teacher. akt (layer-wise terms throughout), pd_only (its PD stage covers other steps, so a cache
 would save nothing) and scratch run online. At the paper's size that cache is ~4.7 KB per
 sequence x 500k x 2048 sequences, about 4.8 TB: `cache_k=0` keeps every run online instead.
@@ -36,8 +36,8 @@ Default: the paper's budget (24 x 10k + 500k = 740k steps, batch 2048) for accel
 import os
 
 from configs import common, distill_mobilebert
-from mbert_jax import schedule as schedule_lib
-from mbert_jax import sweep as sw
+from mbert_jax.distill import schedule as schedule_lib
+from mbert_jax.sweeps import sweep as sw
 
 STRATEGIES = ("pkt", "pkt_freeze", "jkt", "akt", "pd_only", "scratch")
 SHARED_CACHE = "{sweepdir}/teacher_cache"

@@ -8,7 +8,7 @@ stage) and its teacher (`<demo>/teacher`, which must have finished), trains the 
 layer-wise phases once (`<out>/prefix`, stopped where PD begins), then forks that checkpoint into
 one arm per teacher source and trains the PD stage in each: `online` (the teacher runs, as in the
 demo) and one arm per k reading a cache of the teacher's top-k logits (written here with
-`mbert_jax.teacher_cache`; `vocab` = every logit). The arms differ only in where the PD
+`mbert_jax.distill.teacher_cache`; `vocab` = every logit). The arms differ only in where the PD
 targets come from: same start, batches, masks, LR and steps. Each is evaluated on the whole
 held-out split (one pass, not the demo's 8 batches) so the accuracy differences are not
 sampling noise of a small eval set. Writes `<out>/results.json`, `<out>/results.md` and the plot
@@ -30,7 +30,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from mbert_jax import config_files  # noqa: E402
-from mbert_jax import workdir as workdir_lib  # noqa: E402
+from mbert_jax.training import workdir as workdir_lib  # noqa: E402
 
 ONLINE = "online"
 
@@ -72,12 +72,12 @@ def fork(prefix: str, arm: str) -> None:
 
 
 def run_arm(config, arm_dir: str):
-  from mbert_jax import train
+  from mbert_jax import launch
   if workdir_lib.is_finished(arm_dir):
     report = workdir_lib.read_report(arm_dir)
   else:
     t0 = time.time()
-    report = train.run_config(config, arm_dir)
+    report = launch.run_config(config, arm_dir)
     report["experiment_wall_seconds"] = time.time() - t0
     workdir_lib.write_json(os.path.join(arm_dir, "arm_wall.json"),
                            {"seconds": report["experiment_wall_seconds"]})
@@ -147,7 +147,8 @@ def main(argv=None) -> int:
   p.add_argument("--plot", default="", help="also write the accuracy-vs-k plot here")
   a = p.parse_args(argv)
 
-  from mbert_jax import teacher_cache, train
+  from mbert_jax.distill import teacher_cache
+  from mbert_jax import launch
   from mbert_jax.data import build_pipeline
 
   student = demo_student(a.demo)
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
   prefix = student.copy_and_resolve_references()
   prefix.train.steps = pd_first
   print(f"prefix: the layer-wise phases, steps 0..{pd_first}, in {prefix_dir}", flush=True)
-  train.run_config(prefix, prefix_dir)
+  launch.run_config(prefix, prefix_dir)
 
   rows = []
   arms = [(ONLINE, None)] + [(f"k{k}", k) for k in ks]

@@ -12,16 +12,13 @@ import os
 import sys
 from typing import Any, Callable
 
+from mbert_jax.errors import NonFiniteError
+
 USAGE_EXIT = 2
 NONFINITE_EXIT = 3
-
-
-class UsageError(ValueError):
-  """A problem with what the user asked for (config, flags, inputs), named in the message."""
-
-
-def known_errors() -> tuple[type[BaseException], ...]:
-  return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# What a user's input causes (a bad path, field or corpus); anything else is a bug to report.
+KNOWN_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
 
 
 def fail(message: str, code: int = USAGE_EXIT) -> None:
@@ -35,17 +32,18 @@ def _message(e: BaseException) -> str:
 
 def guarded(fn: Callable[..., Any], *args, **kwargs) -> Any:
   """Calls `fn`; a known error becomes `error: <message>` and exit 2 (non-finite runs: 3)."""
-  from mbert_jax.errors import NonFiniteError
   try:
     return fn(*args, **kwargs)
   except NonFiniteError as e:
     fail(_message(e), NONFINITE_EXIT)
-  except known_errors() as e:
+  except KNOWN_ERRORS as e:
     fail(_message(e))
 
 
 def maybe_initialize_distributed(dist_cfg) -> None:
   """`jax.distributed.initialize` when the config or the environment names a cluster."""
+  # Imported here: commands that never train (sweep --emit / --report) use this module and
+  # must not pay for jax.
   import jax
   mode = str(dist_cfg.get("initialize", "auto")).lower()
   explicit = bool(dist_cfg.get("coordinator_address"))

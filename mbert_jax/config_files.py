@@ -24,20 +24,18 @@ def split_ref(ref: str) -> tuple[str, str | None]:
   return path, (arg if sep else None)
 
 
-def _module_from(path: str, name: str):
+def load_module(path: str, prefix: str):
+  """The Python file at `path` as a module named `prefix` + its file name."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path} does not exist")
   # Config and sweep files import `configs.*` / `experiments.*` as launch.py sees them.
   if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
-  spec = importlib.util.spec_from_file_location(name, path)
+  spec = importlib.util.spec_from_file_location(
+      prefix + re.sub(r"\W", "_", os.path.basename(path)), path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
-
-
-def load_module(path: str, prefix: str):
-  return _module_from(path, prefix + re.sub(r"\W", "_", os.path.basename(path)))
 
 
 def load_config(ref: str) -> ml_collections.ConfigDict:

@@ -118,7 +118,7 @@ def micro_finetune_config(c, seq: int = 32, steps: int = 60):
 
 def glue_run(workdir: str, data_dir: str, task: str = "sst2", steps: int = 60) -> dict:
   from configs import finetune_glue
-  from mbert_jax.finetune import trainer
+  from mbert_jax.finetune import task as trainer
   c = micro_finetune_config(finetune_glue.get_config(f"task={task}"), steps=steps)
   c.task.data = data_dir
   return trainer.finetune_and_evaluate(c, workdir)
@@ -126,7 +126,7 @@ def glue_run(workdir: str, data_dir: str, task: str = "sst2", steps: int = 60) -
 
 def squad_run(workdir: str, data_dir: str, steps: int = 60) -> dict:
   from configs import finetune_squad
-  from mbert_jax.finetune import trainer
+  from mbert_jax.finetune import task as trainer
   c = micro_finetune_config(finetune_squad.get_config("version=1.1"), seq=48, steps=steps)
   c.task.data = data_dir
   c.finetune.doc_stride = 16

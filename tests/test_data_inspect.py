@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 
 from mbert_jax.data import build_pipeline, default_data_config
-from mbert_jax.data.inspect import batch_statistics, inspect_pipeline
+from mbert_jax.data.preview import batch_statistics, inspect_pipeline
 
 datasets.disable_progress_bars()
 

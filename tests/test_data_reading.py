@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mbert_jax.data import accounting, build_pipeline, default_data_config
-from mbert_jax.data import sources as S
+from mbert_jax.data import readers
 from mbert_jax.data import text as text_lib
 from mbert_jax.data.builtin_corpus import iter_builtin_documents
 from mbert_jax.data.text import sentences_of
@@ -221,9 +221,9 @@ def test_compressed_files_are_named(tmp_path, files):
   pipe = build_pipeline(cfg(str(tmp_path / "wiki.txt.gz")), str(tmp_path / "w"))
   assert pipe.stats["sentences"] == DOCS * PER_DOC
   (tmp_path / "fake.txt.gz").write_text("plain text")
-  assert S.sniff_file(str(tmp_path / "fake.txt.gz")) == "named .gz but not gzip-compressed"
+  assert readers.sniff_file(str(tmp_path / "fake.txt.gz")) == "named .gz but not gzip-compressed"
   (tmp_path / "u16.txt").write_bytes("Some text.".encode("utf-16"))
-  assert "UTF-16" in S.sniff_file(str(tmp_path / "u16.txt"))
+  assert "UTF-16" in readers.sniff_file(str(tmp_path / "u16.txt"))
 
 
 def test_binary_files_and_documents_inside_a_corpus_are_skipped_and_counted(tmp_path, files):

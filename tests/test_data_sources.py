@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mbert_jax.data import build_pipeline, default_data_config
+from mbert_jax.data import readers
 from mbert_jax.data import sources as S
 from mbert_jax.data.builtin_corpus import (clean_docstring, comment_blocks, iter_builtin_documents,
                                            merge_units, module_documents)
@@ -73,7 +74,7 @@ def test_missing_local_sources_are_clear_errors(tmp_path):
 def test_text_reader_documents_and_flags(tmp_path):
   p = tmp_path / "c.txt"
   p.write_bytes(b"first line\nsecond line\n\n\n  \nbad \xff\xfe bytes here\nok\n\nlast")
-  docs = list(S.iter_text_file(str(p), 1000, 10_000))
+  docs = list(readers.iter_text_file(str(p), 1000, 10_000))
   assert [d.text.split("\n") for d in docs] == [
       ["first line", "second line"], ["bad \ufffd\ufffd bytes here", "ok"], ["last"]]
   assert docs[1].flags == ("non_utf8",) and docs[0].flags == ()
@@ -83,7 +84,7 @@ def test_enormous_line_is_read_in_bounded_pieces(tmp_path):
   words = " ".join(f"w{i}" for i in range(20_000))  # one 128 kB line
   p = tmp_path / "big.txt"
   p.write_text("short line\n" + words + "\n")
-  docs = list(S.iter_text_file(str(p), 1000, 10_000_000))
+  docs = list(readers.iter_text_file(str(p), 1000, 10_000_000))
   lines = docs[0].text.split("\n")
   assert docs[0].flags == ("long_line_split",)
   assert max(len(ln) for ln in lines) <= 1000
@@ -92,21 +93,21 @@ def test_enormous_line_is_read_in_bounded_pieces(tmp_path):
 
 def test_bounded_reader_never_splits_a_multibyte_character():
   text = ("é" * 700 + "\n") * 3  # 2-byte characters; 1000-byte reads cut inside them
-  lines = list(S.iter_bounded_lines(io.BytesIO(text.encode()), 1000))
+  lines = list(readers.iter_bounded_lines(io.BytesIO(text.encode()), 1000))
   assert all(not bad for _, _, bad in lines)
   assert "".join(ln for ln, _, _ in lines) == "é" * 2100
 
 
 def test_split_utf8_tail():
   data = "aé".encode()
-  assert S.split_utf8_tail(data[:-1]) == (b"a", b"\xc3")
-  assert S.split_utf8_tail(data) == (data, b"")
+  assert readers.split_utf8_tail(data[:-1]) == (b"a", b"\xc3")
+  assert readers.split_utf8_tail(data) == (data, b"")
 
 
 def test_long_documents_are_split(tmp_path):
   p = tmp_path / "c.txt"
   p.write_text("\n".join(f"sentence number {i} of a very long document" for i in range(100)))
-  docs = list(S.iter_text_file(str(p), 1000, 500))
+  docs = list(readers.iter_text_file(str(p), 1000, 500))
   assert len(docs) > 5 and all(len(d.text) <= 500 for d in docs)
   assert all("long_document_split" in d.flags for d in docs[1:])
 
@@ -118,7 +119,7 @@ def test_jsonl_records_and_skip_reasons(tmp_path):
            json.dumps({"body": 3}).encode(), json.dumps({"body": None}).encode(),
            b"", b'{"body": "caf\xc3\xa9 \xff"}']
   p.write_bytes(b"\n".join(lines) + b"\n")
-  docs = list(S.iter_jsonl_records(str(p), "body", 1000))
+  docs = list(readers.iter_jsonl_records(str(p), "body", 1000))
   assert [d.skip for d in docs] == ["", "invalid_json", "invalid_json", "missing_text_field",
                                     "invalid_text_field", "empty", ""]
   assert docs[0].text == "Good text. More text." and docs[-1].flags == ("non_utf8",)
@@ -127,25 +128,25 @@ def test_jsonl_records_and_skip_reasons(tmp_path):
 def test_oversized_jsonl_record_is_skipped_without_reading_it_whole(tmp_path):
   p = tmp_path / "c.jsonl"
   p.write_text(json.dumps({"text": "x" * 50_000}) + "\n" + json.dumps({"text": "fine"}) + "\n")
-  docs = list(S.iter_jsonl_records(str(p), "text", 1000))
+  docs = list(readers.iter_jsonl_records(str(p), "text", 1000))
   assert [d.skip for d in docs] == ["oversized_record", ""]
 
 
 def test_empty_file_yields_a_counted_skip(tmp_path):
   (tmp_path / "e.txt").write_text("\n\n  \n")
-  assert [d.skip for d in S.iter_text_file(str(tmp_path / "e.txt"), 100, 1000)] == ["empty_file"]
+  assert [d.skip for d in readers.iter_text_file(str(tmp_path / "e.txt"), 100, 1000)] == ["empty_file"]
 
 
 def test_row_grouping_modes():
-  rows = [S.RawDoc(t) for t in [" = Title A = \n", " = = Section = = \n", " Text one . \n", "\n",
+  rows = [readers.RawDoc(t) for t in [" = Title A = \n", " = = Section = = \n", " Text one . \n", "\n",
                                 " Text two . \n", " = Title B = \n", " Other . \n"]]
-  wiki = list(S.group_rows(iter(rows), "wikitext"))
+  wiki = list(readers.group_rows(iter(rows), "wikitext"))
   assert [d.text for d in wiki] == [" Text one . \n Text two . ", " Other . "]
-  blank = list(S.group_rows(iter([S.RawDoc("a"), S.RawDoc("b"), S.RawDoc(""), S.RawDoc("c")]),
+  blank = list(readers.group_rows(iter([readers.RawDoc("a"), readers.RawDoc("b"), readers.RawDoc(""), readers.RawDoc("c")]),
                             "blank_row"))
   assert [d.text for d in blank] == ["a\nb", "c"]
   with pytest.raises(ValueError, match="grouping"):
-    list(S.group_rows(iter(rows), "paragraph"))
+    list(readers.group_rows(iter(rows), "paragraph"))
 
 
 def test_sentence_splitter():

@@ -34,7 +34,7 @@ def _strings(cfg):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  from mbert_jax import train
+  from mbert_jax import launch
   from mbert_jax.config_files import load_config
   workdir = str(tmp_path_factory.mktemp("bert_teacher"))
   config = load_config(os.path.join(ROOT, "configs", "demo_bert_teacher.py"))
@@ -43,12 +43,12 @@ def runs(tmp_path_factory):
   for name in config.runs.order:
     sub = _substitute(config.runs[name].copy_and_resolve_references(), workdir)
     assert not any("{workdir}" in s for s in _strings(sub)), name
-    out[name] = (sub, train.validate_config(sub))  # the loop's checks: no data, no compile
+    out[name] = (sub, launch.validate_config(sub))  # the loop's checks: no data, no compile
   return out
 
 
 def test_student_is_a_layerwise_transfer_from_the_packaged_teacher(runs):
-  from mbert_jax.losses import layer_map
+  from mbert_jax.distill.losses import layer_map
   cfg, task = runs["student"]
   stages = task.stages
   layers = cfg.model.num_hidden_layers
@@ -65,7 +65,7 @@ def test_student_is_a_layerwise_transfer_from_the_packaged_teacher(runs):
 
 
 def test_scratch_matches_the_student_budget_data_and_learning_rate(runs):
-  from mbert_jax import schedule
+  from mbert_jax.distill import schedule
   s_cfg, s_task = runs["student"]
   b_cfg, b_task = runs["scratch"]
   assert [st.name for st in b_task.stages] == ["scratch"]

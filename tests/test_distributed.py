@@ -17,7 +17,7 @@ import pytest
 
 from train_util import ROOT, final_params, tiny_teacher_config, train_losses
 
-from mbert_jax import train
+from mbert_jax import launch
 
 STEPS = 3
 
@@ -27,20 +27,21 @@ sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
 import jax
 from flax import traverse_util
 from train_util import tiny_teacher_config
-from mbert_jax import sharding, train
-from mbert_jax.models import ModelConfig
+from mbert_jax.training import sharding
+from mbert_jax import launch
+from mbert_jax.models import ModelConfig, build, example_inputs
 assert jax.device_count() == 8, jax.devices()
 out = {{}}
 for name, mesh in {meshes!r}.items():
   c = tiny_teacher_config({cache!r}, steps={steps})
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
   workdir = os.path.join({tmp!r}, name)
-  train.train_and_evaluate(c, workdir)
+  launch.run_config(c, workdir)
   # Where the run's parameters live: the shardings the step was compiled with.
   with open(os.path.join(workdir, "model_config.json")) as f:
     cfg = ModelConfig.from_dict(json.load(f))
   m = sharding.make_mesh(c.mesh)
-  params, _ = sharding.init_params(cfg, 0, m, sharding.rules_from_config(c.mesh))
+  params, _ = sharding.init_params(build(cfg), example_inputs(cfg), 0, m, sharding.rules_from_config(c.mesh))
   flat = traverse_util.flatten_dict(params, sep="/")
   out[name] = {{k: [str(a) if a is not None else None for a in v.sharding.spec] +
                    [list(v.addressable_shards[0].data.shape)] for k, v in flat.items()}}
@@ -57,7 +58,7 @@ def cache_dir(tmp_path_factory):
 def single_device_run(tmp_path_factory, cache_dir):
   workdir = str(tmp_path_factory.mktemp("single"))
   c = tiny_teacher_config(cache_dir, steps=STEPS)
-  train.train_and_evaluate(c, workdir)
+  launch.run_config(c, workdir)
   return workdir
 
 
@@ -111,10 +112,10 @@ import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address={addr!r}, num_processes=2, process_id={pid})
 from train_util import tiny_teacher_config
-from mbert_jax import train
+from mbert_jax import launch
 assert jax.process_count() == 2 and jax.device_count() == 4
 c = tiny_teacher_config({cache!r}, steps={steps})
-train.train_and_evaluate(c, {workdir!r})
+launch.run_config(c, {workdir!r})
 print("DONE", jax.process_index())
 """
 
@@ -150,7 +151,7 @@ import jax
 from train_util import tiny_student_config
 import numpy as np
 from test_finetune_train import flat, glue_config, restore_state
-from mbert_jax import train
+from mbert_jax import launch
 assert jax.device_count() == 8, jax.devices()
 # The distillation step on the mixed 2x2x2 mesh stalls in XLA:CPU's in-process collectives
 # (a rendezvous timeout on fake devices; data-, fsdp- and tensor-only meshes all run), so the
@@ -160,7 +161,7 @@ for name, c, mesh in (("pkt", tiny_student_config({cache!r}, {teacher!r}, steps_
                       ("glue", glue_config({glue!r}, steps=4, log_every=1), (2, 2, 2))):
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
   workdir = os.path.join({tmp!r}, name)
-  assert train.run_config(c, workdir)["status"] == "completed"
+  assert launch.run_config(c, workdir)["status"] == "completed"
   # Read back here: the checkpoint's 8-device layout restores only where those devices exist.
   np.savez(workdir + ".npz", **flat(restore_state(workdir)["params"]))
 print("DONE")
@@ -185,7 +186,7 @@ def test_distillation_and_finetuning_sharded_match_one_device(single_device_run,
                                        distill_steps=2),
             "glue": glue_config(str(glue), steps=4, log_every=1)}
   for name, c in single.items():
-    assert train.run_config(c, str(tmp_path / f"one_{name}"))["status"] == "completed"
+    assert launch.run_config(c, str(tmp_path / f"one_{name}"))["status"] == "completed"
   script = TASKS_SCRIPT.format(root=ROOT, cache=cache_dir, teacher=single_device_run,
                                glue=str(glue), tmp=str(tmp_path))
   proc = subprocess.run([sys.executable, "-c", script], env=_env(8), cwd=ROOT,

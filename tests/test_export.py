@@ -14,7 +14,9 @@ import pytest
 from train_util import ROOT, tiny_data, tiny_teacher_config
 
 from configs import common, distill_mobilebert
-from mbert_jax import export, train
+from mbert_jax.interop import export
+from mbert_jax.interop.model_source import load_run
+from mbert_jax import launch
 from mbert_jax.models import build
 
 
@@ -30,9 +32,9 @@ def runs(tmp_path_factory):
   c.train.eval_every = c.train.checkpoint_every = 3
   c.train.eval_steps = 1
   c.train.progress_bar = False
-  train.train_and_evaluate(c, student)
+  launch.run_config(c, student)
   teacher = str(tmp_path_factory.mktemp("teacher"))
-  train.train_and_evaluate(tiny_teacher_config(cache, steps=2), teacher)
+  launch.run_config(tiny_teacher_config(cache, steps=2), teacher)
   return {"student": student, "teacher": teacher}
 
 
@@ -48,7 +50,7 @@ def _inputs():
 
 
 def _run(args):
-  return subprocess.run([sys.executable, "-m", "mbert_jax.export", *args], cwd=ROOT,
+  return subprocess.run([sys.executable, "-m", "mbert_jax.interop.export", *args], cwd=ROOT,
                         env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                         timeout=600)
 
@@ -69,7 +71,7 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(runs, tmp_path):
   model.eval()
   auto = transformers.AutoModel.from_pretrained(out).eval()
 
-  cfg, params, _ = export.load_run(runs["student"])
+  cfg, params, _ = load_run(runs["student"])
   ids, types, mask = _inputs()
   ours = build(cfg).apply({"params": params}, jnp.asarray(ids, jnp.int32),
                           jnp.asarray(types, jnp.int32), jnp.asarray(mask, jnp.int32))
@@ -90,7 +92,7 @@ def test_flax_export_round_trips(runs, tmp_path):
   proc = _run([f"--workdir={runs['student']}", "--format=flax", f"--out={out}"])
   assert proc.returncode == 0, proc.stderr[-2000:]
   cfg, params = export.load_flax(out)
-  ref_cfg, ref_params, _ = export.load_run(runs["student"])
+  ref_cfg, ref_params, _ = load_run(runs["student"])
   assert cfg == ref_cfg
   from flax import traverse_util
   a = traverse_util.flatten_dict(params, sep="/")
@@ -119,13 +121,13 @@ def test_export_names_a_missing_run(tmp_path):
 def test_pretraining_onnx_export_matches_flax(runs, tmp_path):
   """MLM and NSP logits and every hidden state of the ONNX graph, on a padded batch of
   another shape than the traced one, within 1e-4 of the Flax model's largest magnitude."""
-  from mbert_jax import onnx_export as ox  # the onnx extra: CI installs it, no skip
+  from mbert_jax.interop import onnx_export as ox  # the onnx extra: CI installs it, no skip
   out = str(tmp_path / "onnx")
   proc = _run([f"--workdir={runs['student']}", "--format=onnx", f"--out={out}"])
   assert proc.returncode == 0, proc.stderr[-2000:]
   for name in (ox.ONNX_FILE, ox.IO_FILE, "vocab.txt", "README.md"):
     assert os.path.exists(os.path.join(out, name)), name
-  cfg, params, _ = export.load_run(runs["student"])
+  cfg, params, _ = load_run(runs["student"])
   ids, types, mask = _inputs()
   ref = build(cfg).apply({"params": params}, jnp.asarray(ids, jnp.int32),
                          jnp.asarray(types, jnp.int32), jnp.asarray(mask, jnp.int32))

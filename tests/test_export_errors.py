@@ -28,7 +28,7 @@ def started_run(tmp_path):
 
 def _refused(tmp_path, *args: str) -> str:
   out = tmp_path / "out"
-  proc = run_module("mbert_jax.export", *args, f"--out={out}")
+  proc = run_module("mbert_jax.interop.export", *args, f"--out={out}")
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stdout == ""
   assert not out.exists() or not os.listdir(out), os.listdir(out)

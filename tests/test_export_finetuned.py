@@ -6,6 +6,7 @@ tokenizer files, task.json and a model card naming the run and its evaluation fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -15,7 +16,8 @@ import pytest
 
 from export_util import (glue_run, padded_batch, rel_err, run_module, squad_run, write_sst2,
                          write_squad, write_stsb)
-from mbert_jax import export
+from mbert_jax.interop import export
+from mbert_jax.interop.model_source import LoadedModel, load, locate
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -39,9 +41,10 @@ def runs(tmp_path_factory):
   return out
 
 
-def _flax_logits(run: export.Run, batch):
-  from mbert_jax.export import _model_of
-  model = _model_of(run.model_config.replace(compute_dtype="float32"), run.head, run.task)
+def _flax_logits(run: LoadedModel, batch):
+  from mbert_jax.models import build_for
+  model = build_for(run.source.model_config.replace(compute_dtype="float32"), run.source.head,
+                    int((run.source.task or {}).get("num_labels", 2)))
   args = [jnp.asarray(batch[k], jnp.int32) for k in ("input_ids", "token_type_ids",
                                                       "attention_mask")]
   return model.apply({"params": run.params}, *args)
@@ -60,7 +63,7 @@ def _load(cls, path):
 
 def test_glue_run_exports_a_sequence_classifier(runs, tmp_path):
   out = str(tmp_path / "hf")
-  proc = run_module("mbert_jax.export", f"--workdir={runs['sst2']}", "--format=hf",
+  proc = run_module("mbert_jax.interop.export", f"--workdir={runs['sst2']}", "--format=hf",
                     f"--out={out}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   info = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -74,15 +77,15 @@ def test_glue_run_exports_a_sequence_classifier(runs, tmp_path):
   auto = transformers.AutoModelForSequenceClassification.from_pretrained(out)
   assert type(auto).__name__ == "MobileBertForSequenceClassification"
 
-  run = export.read_run(runs["sst2"])
-  batch = padded_batch(run.model_config.vocab_size, batch=4, seq=32)
+  run = load(locate(runs["sst2"]))
+  batch = padded_batch(run.source.model_config.vocab_size, batch=4, seq=32)
   with torch.no_grad():
     theirs = ref(**_torch_batch(batch)).logits.numpy()
   assert rel_err(_flax_logits(run, batch), theirs) <= TOL
 
   # The tokenizer beside the model is the run's: transformers encodes as the run did.
   tok = transformers.AutoTokenizer.from_pretrained(out)
-  from mbert_jax.finetune import tasks
+  from mbert_jax.finetune import glue as tasks
   ours = tasks.encode_pairs(tasks.build_wordpiece_tokenizer(os.path.join(out, "vocab.txt")),
                             ["a sunny day near the river"], None, 16)
   theirs_ids = tok("a sunny day near the river", padding="max_length", max_length=16)["input_ids"]
@@ -101,8 +104,8 @@ def test_glue_run_exports_plain_flax(runs, tmp_path):
   out = str(tmp_path / "flax")
   assert export.export(runs["sst2"], "flax", out)["head"] == "classification"
   cfg, params = export.load_flax(out)
-  run = export.read_run(runs["sst2"])
-  assert cfg == run.model_config
+  run = load(locate(runs["sst2"]))
+  assert cfg == run.source.model_config
   from flax import traverse_util
   a, b = (traverse_util.flatten_dict(t, sep="/") for t in (params, run.params))
   assert a.keys() == b.keys() and "classifier/kernel" in a
@@ -121,8 +124,8 @@ def test_stsb_run_exports_a_regressor(runs, tmp_path):
   assert info["head"] == "classification"
   ref = _load(transformers.MobileBertForSequenceClassification, str(tmp_path / "hf"))
   assert ref.config.num_labels == 1 and ref.config.problem_type == "regression"
-  run = export.read_run(runs["stsb"])
-  batch = padded_batch(run.model_config.vocab_size, batch=3, seq=20)
+  run = load(locate(runs["stsb"]))
+  batch = padded_batch(run.source.model_config.vocab_size, batch=3, seq=20)
   with torch.no_grad():
     theirs = ref(**_torch_batch(batch)).logits.numpy()
   ours = _flax_logits(run, batch)
@@ -133,8 +136,8 @@ def test_stsb_run_exports_a_regressor(runs, tmp_path):
 def test_squad_run_exports_a_span_extractor(runs, tmp_path):
   export.export(runs["squad"], "hf", str(tmp_path / "hf"))
   ref = _load(transformers.MobileBertForQuestionAnswering, str(tmp_path / "hf"))
-  run = export.read_run(runs["squad"])
-  batch = padded_batch(run.model_config.vocab_size, batch=2, seq=48)
+  run = load(locate(runs["squad"]))
+  batch = padded_batch(run.source.model_config.vocab_size, batch=2, seq=48)
   with torch.no_grad():
     r = ref(**_torch_batch(batch))
   start, end = _flax_logits(run, batch)
@@ -157,8 +160,9 @@ def test_model_card_names_the_pretraining_run_behind_a_fine_tuned_model(runs, tm
       "teacher": {"checkpoint": "runs/ib_bert_large"},
       "data": {"source": "builtin:json*", "batch_size": 8, "max_seq_length": 32}}))
   (pre / "final.json").write_text(json.dumps({"step": 280, "eval": {}}))
-  run = export.read_run(runs["sst2"])
-  run = export.Run(**{**run.__dict__, "task": {**run.task, "init": str(pre)}})
+  run = load(locate(runs["sst2"]))
+  run = dataclasses.replace(run, source=dataclasses.replace(
+      run.source, task={**run.source.task, "init": str(pre)}))
   card = export.model_card(run, "onnx", "int8", ["model.onnx"])
   assert f"- initial model: {pre}" in card
   for line in ("  - schedule `pkt` (steps_per_layer 40, distill_steps 200)",

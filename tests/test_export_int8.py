@@ -1,7 +1,7 @@
 """int8 keeps quality: a student fine-tuned on a small GLUE-style task, exported with
 `--format=onnx --quantize=int8`, scores within one point of its fp32 ONNX export's accuracy on
 the task's dev set through ONNX Runtime, and the fp32 export reproduces the accuracy the run
-measured in Flax. The dev set is scored through `mbert_jax.predict`, i.e. tokenized from the
+measured in Flax. The dev set is scored through `mbert_jax.interop.predict`, i.e. tokenized from the
 export's own files as a user's inputs are.
 
 Needs the `onnx` extra (CI installs it)."""
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from export_util import glue_run, run_module, write_sst2
-from mbert_jax import export, predict
-from mbert_jax import onnx_export as ox
+from mbert_jax.interop import export
+from mbert_jax.interop import predict
+from mbert_jax.interop import onnx_export as ox
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op"),
               pytest.mark.filterwarnings("ignore:# The axis name"),

@@ -1,4 +1,4 @@
-"""ONNX export (`mbert_jax.onnx_export`): fp32 graphs of the pretraining, classification and
+"""ONNX export (`mbert_jax.interop.onnx_export`): fp32 graphs of the pretraining, classification and
 question-answering students agree with the Flax models within 1e-4 of each tensor's largest
 magnitude, on padded batches of other shapes than the traced one, with feature maps driven to
 1e7; the int8 graph runs integer matmuls for every dense layer; a graph whose dense layers the
@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from export_util import init_tree, padded_batch, random_tree
-from mbert_jax import onnx_export as ox
+from mbert_jax.interop import onnx_export as ox
 from mbert_jax.models import build, build_classifier, build_span_extractor, preset
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op"),

@@ -6,7 +6,7 @@ import string
 import numpy as np
 import pytest
 
-from mbert_jax.finetune import defaults, squad, tasks
+from mbert_jax.finetune import defaults, squad, glue as tasks
 from mbert_jax.finetune.metrics import squad_metrics
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -21,10 +21,11 @@ import pytest
 from flax import traverse_util
 
 from configs import common, finetune_glue, finetune_squad
-from mbert_jax import checkpoint as ckpt_lib
-from mbert_jax import optim
-from mbert_jax import workdir as workdir_lib
-from mbert_jax.finetune import squad, trainer
+from mbert_jax.data.tokenizer import FINETUNE_SPECIAL_TOKENS, load_tokenizer
+from mbert_jax.training import checkpoint as ckpt_lib
+from mbert_jax.training import optim
+from mbert_jax.training import workdir as workdir_lib
+from mbert_jax.finetune import squad, task as trainer
 from mbert_jax.models import ModelConfig
 from mbert_jax.models.summary import param_shapes
 
@@ -227,7 +228,8 @@ def test_init_from_mbert_workdir_copies_backbone(glue_run, glue_dir, tmp_path):
 
 
 def test_init_from_hugging_face_directory_loads_backbone(glue_run, glue_dir, tmp_path):
-  from mbert_jax import hf, sharding
+  from mbert_jax import hf
+  from mbert_jax.training import sharding
   full_dir, _ = glue_run
   with open(os.path.join(full_dir, "model_config.json")) as f:
     cfg = ModelConfig.from_dict(json.load(f))
@@ -240,13 +242,14 @@ def test_init_from_hugging_face_directory_loads_backbone(glue_run, glue_dir, tmp
   c.finetune.pooler = "tanh"  # the checkpoint has none: this one starts fresh
   source = trainer.resolve_init(c.init)
   assert source.kind == "hf" and source.tokenizer_dir == str(hf_dir)
-  tok = trainer.load_tokenizer(source.tokenizer_dir)
+  tok = load_tokenizer(source.tokenizer_dir, require=FINETUNE_SPECIAL_TOKENS)
   m_cfg = trainer.finetune_model_config(source, c, tok.get_vocab_size())
   assert m_cfg.hf_layer_norm_eps_quirk and m_cfg.init_distribution == "truncated"
   assert m_cfg.classifier_activation
   model = trainer.build_model(trainer.task_info(c), m_cfg, 0.1)
   mesh = sharding.make_mesh(c.mesh)
-  abs_params, shardings = trainer.abstract_params(model, mesh, sharding.rules_from_config(c.mesh))
+  abs_params, shardings = trainer.abstract_params(model, m_cfg, mesh,
+                                                   sharding.rules_from_config(c.mesh))
   got = trainer.load_backbone(source, c.init, abs_params, shardings)
   assert set(got) == {"embeddings", "encoder"}
   got = flat(jax.tree.map(np.asarray, got))
@@ -348,8 +351,8 @@ def test_squad_v2_end_to_end(tmp_path):
   assert flat(restore_state(workdir)["params"])["qa_outputs/kernel"].shape[-1] == 2
   # Contexts are longer than one window, so decoding merged several windows per question.
   examples = squad.load_squad(str(data), version="2.0", split="validation")
-  feats = squad.prepare_squad_features(examples, trainer.load_tokenizer(
-      os.path.join(workdir, "tokenizer")), max_seq_length=64, doc_stride=16, max_query_length=12,
+  feats = squad.prepare_squad_features(examples, load_tokenizer(
+      os.path.join(workdir, "tokenizer"), require=FINETUNE_SPECIAL_TOKENS), max_seq_length=64, doc_stride=16, max_query_length=12,
       version_2_with_negative=True)
   assert len(feats) > len(examples)
 

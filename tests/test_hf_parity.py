@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from mbert_jax import hf  # noqa: E402
+from mbert_jax.interop import hf_names  # noqa: E402
 from mbert_jax.models import build, preset  # noqa: E402
 
 pytestmark = [
@@ -191,7 +192,7 @@ def test_import_forward_export_reload(name, tmp_path):
   exported = load_file(str(tmp_path / "out" / "model.safetensors"))
   assert set(original) == set(exported)
   placeholders = {k if k.startswith("cls.") else "mobilebert." + k
-                  for k in hf._placeholders(cfg)}
+                  for k in hf_names.placeholders(cfg)}
   for key in original:
     if key in placeholders:
       continue

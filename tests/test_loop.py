@@ -16,8 +16,8 @@ import pytest
 
 from train_util import ROOT, checkpoint_steps, final_params, metrics_rows, tiny_teacher_config
 
-from mbert_jax import checkpoint as ckpt_lib
-from mbert_jax import train
+from mbert_jax.training import checkpoint as ckpt_lib
+from mbert_jax import launch, training
 from mbert_jax.errors import WorkdirMismatchError
 
 STEPS = 8
@@ -31,7 +31,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory, cache_dir):
   workdir = str(tmp_path_factory.mktemp("teacher"))
-  report = train.run_config(tiny_teacher_config(cache_dir, steps=STEPS), workdir)
+  report = launch.run_config(tiny_teacher_config(cache_dir, steps=STEPS), workdir)
   assert report["status"] == "completed" and report["step"] == STEPS
   return workdir
 
@@ -65,7 +65,7 @@ def test_other_configuration_is_refused_and_nothing_changes(teacher_run, cache_d
   section, name = field.split(".")
   c[section][name] = value
   with pytest.raises(WorkdirMismatchError, match=named) as e:
-    train.run_config(c, workdir)
+    launch.run_config(c, workdir)
   assert "new --workdir" in str(e.value) and "delete" in str(e.value)
   assert _digest(workdir) == before  # config.json, model_config.json, checkpoints: untouched
   assert not os.path.exists(os.path.join(workdir, "checkpoints_damaged"))
@@ -77,11 +77,11 @@ def test_checkpoint_of_another_shape_is_refused_not_quarantined(teacher_run, cac
   workdir = _copy(teacher_run, str(tmp_path / "run"))
   c = tiny_teacher_config(cache_dir, steps=STEPS)
   c.model.intermediate_size = 2 * c.model.intermediate_size
-  task = train.task_for(c)
-  task.identity = lambda: train.task_for(tiny_teacher_config(cache_dir, steps=STEPS)).identity()
+  task = launch.task_for(c)
+  task.identity = lambda: launch.task_for(tiny_teacher_config(cache_dir, steps=STEPS)).identity()
   before = _digest(workdir)
   with pytest.raises(WorkdirMismatchError, match="another model or optimizer"):
-    train.run(task, workdir)
+    training.run(task, workdir)
   assert not os.path.exists(os.path.join(workdir, "checkpoints_damaged"))
   assert checkpoint_steps(workdir) == checkpoint_steps(teacher_run)
   assert {k: v for k, v in _digest(workdir).items() if k.startswith("checkpoints")} == \
@@ -94,7 +94,7 @@ def test_cadence_and_more_steps_resume(teacher_run, cache_dir, tmp_path):
   c.train.log_every = 2
   c.train.eval_every = 3
   c.train.checkpoint_every = 5
-  report = train.run_config(c, workdir)
+  report = launch.run_config(c, workdir)
   assert report["status"] == "completed" and report["step"] == STEPS + 2
   new_rows = [r["step"] for r in metrics_rows(workdir) if "loss" in r][STEPS:]
   assert new_rows == [STEPS + 2]  # resumed at STEPS: only the last two steps ran
@@ -128,12 +128,12 @@ def test_sigterm_on_a_checkpoint_step_saves_once_then_resumes_bitwise(teacher_ru
   c = tiny_teacher_config(cache_dir, steps=STEPS)
   c.train.checkpoint_every = 1
   saved = _preempt_at(monkeypatch, 3)
-  report = train.run_config(c, workdir)
+  report = launch.run_config(c, workdir)
   assert report["status"] == "preempted" and report["step"] == 3
   assert saved == [1, 2, 3]  # step 3 once, though it both checkpoints and is preempted
-  assert not os.path.exists(os.path.join(workdir, train.DONE_FILE))
+  assert not os.path.exists(os.path.join(workdir, training.workdir.DONE_FILE))
   monkeypatch.undo()
-  report = train.run_config(c, workdir)
+  report = launch.run_config(c, workdir)
   assert report["status"] == "completed" and report["step"] == STEPS
   _assert_same_params(final_params(teacher_run), final_params(workdir))
 
@@ -160,19 +160,19 @@ def _glue(glue_dir: str, **train_fields):
 
 def test_finetune_sigterm_on_a_checkpoint_step_and_refusal(glue_dir, tmp_path, monkeypatch):
   ref = str(tmp_path / "ref")
-  assert train.run_config(_glue(glue_dir), ref)["status"] == "completed"
+  assert launch.run_config(_glue(glue_dir), ref)["status"] == "completed"
   cut = str(tmp_path / "cut")
   saved = _preempt_at(monkeypatch, 4)
-  report = train.run_config(_glue(glue_dir, checkpoint_every=2), cut)
+  report = launch.run_config(_glue(glue_dir, checkpoint_every=2), cut)
   assert report["status"] == "preempted" and report["step"] == 4 and saved == [2, 4]
   monkeypatch.undo()
-  report = train.run_config(_glue(glue_dir, checkpoint_every=2), cut)
+  report = launch.run_config(_glue(glue_dir, checkpoint_every=2), cut)
   assert report["status"] == "completed" and report["step"] == STEPS
   from test_finetune_train import flat, restore_state
   _assert_same_params(flat(restore_state(ref)["params"]), flat(restore_state(cut)["params"]))
   before = _digest(cut)
   with pytest.raises(WorkdirMismatchError, match="train.learning_rate"):
-    train.run_config(_glue(glue_dir, learning_rate=1e-2), cut)
+    launch.run_config(_glue(glue_dir, learning_rate=1e-2), cut)
   assert _digest(cut) == before
 
 
@@ -203,7 +203,7 @@ def test_config_errors_name_the_field_to_change():
   c = ib_bert_large.get_config("smoke")
   c.train.steps = 6  # shorter than the smoke warm-up of 30 steps
   with pytest.raises(ValueError, match="train.warmup_steps"):
-    train.validate_config(c)
+    launch.validate_config(c)
 
 
 def test_a_known_error_is_one_line_and_exit_2(tmp_path):

@@ -1,4 +1,4 @@
-"""Losses against independent numpy references (spec §8), plus the properties KT relies on."""
+"""Losses against independent numpy references, plus the properties KT relies on."""
 
 from collections import namedtuple
 
@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mbert_jax import losses
+from mbert_jax.distill import attention_losses, feature_losses, losses, transfer_options
 
 NEG = float(np.finfo(np.float32).min)
 Outputs = namedtuple("Outputs", ["hidden_states", "attention_scores"])
 
 
 # ----------------------------------------------------------------------------------------------
-# numpy references, written from the spec's formulas, one position / row at a time
+# numpy references, written from the formulas in the docstrings, one position / row at a time
 # ----------------------------------------------------------------------------------------------
 
 def np_log_softmax(row):
@@ -244,20 +244,20 @@ def test_distillation_rejects_bad_alpha_and_temperature():
 @pytest.mark.parametrize("mask", [None, MASK])
 def test_feature_map_loss_matches_numpy(normalize, mask):
   student, teacher = hidden(10), hidden(11, scale=7.0, shift=4.0)
-  actual = losses.feature_map_loss(student, teacher, normalize=normalize, mask=mask)
+  actual = feature_losses.feature_map_loss(student, teacher, normalize=normalize, mask=mask)
   close(actual, np_fmt(student, teacher, normalize, mask), rtol=1e-5)
 
 
 def test_feature_map_loss_is_scale_invariant_when_normalized():
   student, teacher = hidden(12), hidden(13)
-  base = float(losses.feature_map_loss(student, teacher))
-  close(losses.feature_map_loss(student, 1e6 * teacher + 5.0), base, rtol=1e-4)
+  base = float(feature_losses.feature_map_loss(student, teacher))
+  close(feature_losses.feature_map_loss(student, 1e6 * teacher + 5.0), base, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mask", [None, MASK])
 def test_mean_variance_loss_matches_numpy(mask):
   student, teacher = hidden(14), hidden(15, scale=5.0, shift=2.0)
-  beta, gamma = losses.mean_variance_loss(student, teacher, mask=mask)
+  beta, gamma = feature_losses.mean_variance_loss(student, teacher, mask=mask)
   ref_beta, ref_gamma = np_mean_var(student, [teacher], mask)
   close(beta, ref_beta)
   close(gamma, ref_gamma)
@@ -269,7 +269,7 @@ def test_mean_variance_all_teacher_layers_matches_numpy(mask):
   teacher_layers = [hidden(17 + i, scale=1.0 + i, shift=float(i)) for i in range(4)]
   ref_beta, ref_gamma = np_mean_var(student, teacher_layers, mask)
   for given in (teacher_layers, np.stack(teacher_layers)):
-    beta, gamma = losses.mean_variance_loss_all_teacher_layers(student, given, mask=mask)
+    beta, gamma = feature_losses.mean_variance_loss_all_teacher_layers(student, given, mask=mask)
     close(beta, ref_beta)
     close(gamma, ref_gamma)
 
@@ -278,18 +278,19 @@ def test_mean_variance_all_teacher_layers_matches_numpy(mask):
 @pytest.mark.parametrize("over", ["all", "real"])
 def test_attention_loss_matches_numpy(kind, over):
   student, teacher = masked_scores(20), masked_scores(21)
-  actual = losses.attention_loss(student, teacher, attention_mask=MASK, over=over, kind=kind)
+  actual = attention_losses.attention_loss(student, teacher, attention_mask=MASK, over=over,
+                                           kind=kind)
   close(actual, np_attention(student, teacher, MASK, over, kind), rtol=1e-5)
 
 
 def test_attention_over_real_ignores_padded_query_rows():
   student, teacher = masked_scores(22), masked_scores(23)
-  base = float(losses.attention_loss(student, teacher, attention_mask=MASK, over="real"))
+  base = float(attention_losses.attention_loss(student, teacher, attention_mask=MASK, over="real"))
   changed = student.copy()
   changed[1, :, 3:, 0] += 10.0  # query rows 3, 4 of example 1 are padding
-  close(losses.attention_loss(changed, teacher, attention_mask=MASK, over="real"), base)
-  assert abs(float(losses.attention_loss(changed, teacher, attention_mask=MASK)) - float(
-      losses.attention_loss(student, teacher, attention_mask=MASK))) > 1e-3
+  close(attention_losses.attention_loss(changed, teacher, attention_mask=MASK, over="real"), base)
+  assert abs(float(attention_losses.attention_loss(changed, teacher, attention_mask=MASK)) - float(
+      attention_losses.attention_loss(student, teacher, attention_mask=MASK))) > 1e-3
 
 
 @pytest.mark.parametrize("neg", [NEG, -10000.0])
@@ -299,14 +300,15 @@ def test_attention_loss_and_grad_are_finite_with_large_negative_masks(neg):
   student, teacher = masked_scores(24, mask, neg), masked_scores(25, mask, neg)
   for kind in ("ce", "kl"):
     value, grad = jax.value_and_grad(
-        lambda s: losses.attention_loss(s, teacher, attention_mask=mask, kind=kind))(student)
+        lambda s: attention_losses.attention_loss(s, teacher, attention_mask=mask, kind=kind)
+    )(student)
     assert np.isfinite(float(value))
     assert np.all(np.isfinite(np.asarray(grad)))
 
 
 def test_attention_loss_stays_finite_if_a_mask_used_minus_inf():
   student, teacher = masked_scores(26, neg=-np.inf), masked_scores(27, neg=-np.inf)
-  value, grad = jax.value_and_grad(lambda s: losses.attention_loss(s, teacher))(student)
+  value, grad = jax.value_and_grad(lambda s: attention_losses.attention_loss(s, teacher))(student)
   assert np.isfinite(float(value))
   assert np.all(np.isfinite(np.asarray(grad)))
   close(value, np_attention(masked_scores(26), masked_scores(27)), rtol=1e-5)
@@ -314,13 +316,13 @@ def test_attention_loss_stays_finite_if_a_mask_used_minus_inf():
 
 def test_transfer_terms_vanish_when_student_equals_teacher():
   h, scores = hidden(30), masked_scores(31)
-  close(losses.feature_map_loss(h, h), 0.0)
-  close(losses.feature_map_loss(h, h, normalize=False), 0.0)
-  close(losses.mean_variance_loss(h, h), [0.0, 0.0])
-  close(losses.mean_variance_loss(h, h, mask=MASK), [0.0, 0.0])
-  close(losses.attention_loss(scores, scores, kind="kl"), 0.0, atol=1e-5)
+  close(feature_losses.feature_map_loss(h, h), 0.0)
+  close(feature_losses.feature_map_loss(h, h, normalize=False), 0.0)
+  close(feature_losses.mean_variance_loss(h, h), [0.0, 0.0])
+  close(feature_losses.mean_variance_loss(h, h, mask=MASK), [0.0, 0.0])
+  close(attention_losses.attention_loss(scores, scores, kind="kl"), 0.0, atol=1e-5)
   # The official CE keeps the teacher's entropy, which is positive.
-  assert float(losses.attention_loss(scores, scores, kind="ce")) > 0.1
+  assert float(attention_losses.attention_loss(scores, scores, kind="ce")) > 0.1
 
 
 def test_gradients_reach_only_the_student():
@@ -329,12 +331,12 @@ def test_gradients_reach_only_the_student():
   logits, labels, weights = mlm_batch(36)
   teacher_logits = rng(37).normal(size=logits.shape).astype(np.float32)
   cases = {
-      "fmt": (lambda s, t: losses.feature_map_loss(s, t), s_h, t_h),
-      "mse": (lambda s, t: losses.feature_map_loss(s, t, normalize=False), s_h, t_h),
-      "mean_var": (lambda s, t: sum(losses.mean_variance_loss(s, t)), s_h, t_h),
-      "mean_var_tf1": (lambda s, t: sum(losses.mean_variance_loss_all_teacher_layers(
+      "fmt": (lambda s, t: feature_losses.feature_map_loss(s, t), s_h, t_h),
+      "mse": (lambda s, t: feature_losses.feature_map_loss(s, t, normalize=False), s_h, t_h),
+      "mean_var": (lambda s, t: sum(feature_losses.mean_variance_loss(s, t)), s_h, t_h),
+      "mean_var_tf1": (lambda s, t: sum(feature_losses.mean_variance_loss_all_teacher_layers(
           s, jnp.stack([t, 2 * t]))), s_h, t_h),
-      "at": (lambda s, t: losses.attention_loss(s, t, kind="kl"), s_a, t_a),
+      "at": (lambda s, t: attention_losses.attention_loss(s, t, kind="kl"), s_a, t_a),
       "kd": (lambda s, t: losses.distillation_mlm_loss(s, t, labels, weights)[0], logits,
              teacher_logits),
   }
@@ -346,7 +348,7 @@ def test_gradients_reach_only_the_student():
 
 def test_losses_compute_in_float32_for_bfloat16_inputs():
   s, t = jnp.asarray(hidden(40), jnp.bfloat16), jnp.asarray(hidden(41), jnp.bfloat16)
-  value = losses.feature_map_loss(s, t)
+  value = feature_losses.feature_map_loss(s, t)
   assert value.dtype == jnp.float32
   close(value, np_fmt(np.asarray(s, np.float32), np.asarray(t, np.float32), True), rtol=1e-5)
 
@@ -354,17 +356,17 @@ def test_losses_compute_in_float32_for_bfloat16_inputs():
 def test_kt_losses_reject_bad_arguments():
   h, scores = hidden(42), masked_scores(43)
   with pytest.raises(ValueError, match="student shape"):
-    losses.feature_map_loss(h, h[..., :4])
+    feature_losses.feature_map_loss(h, h[..., :4])
   with pytest.raises(ValueError, match="mask shape"):
-    losses.feature_map_loss(h, h, mask=MASK[:, :3])
+    feature_losses.feature_map_loss(h, h, mask=MASK[:, :3])
   with pytest.raises(ValueError, match="heads must match"):
-    losses.attention_loss(scores, scores[:, :1])
+    attention_losses.attention_loss(scores, scores[:, :1])
   with pytest.raises(ValueError, match="over='real' needs attention_mask"):
-    losses.attention_loss(scores, scores, over="real")
+    attention_losses.attention_loss(scores, scores, over="real")
   with pytest.raises(ValueError, match="'over' must be one of"):
-    losses.attention_loss(scores, scores, over="some")
+    attention_losses.attention_loss(scores, scores, over="some")
   with pytest.raises(ValueError, match="'kind' must be one of"):
-    losses.attention_loss(scores, scores, kind="mse")
+    attention_losses.attention_loss(scores, scores, kind="mse")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,15 +374,15 @@ def test_kt_losses_reject_bad_arguments():
 # ----------------------------------------------------------------------------------------------
 
 def test_layer_map():
-  assert losses.layer_map(4, 4) == (1, 2, 3, 4)
-  assert losses.layer_map(12, 24) == tuple(range(2, 25, 2))
-  assert losses.layer_map(5, 8) == (2, 3, 5, 6, 8)
-  assert losses.layer_map(4, 6) == (2, 3, 5, 6)  # 1.5 and 4.5 round up
-  assert losses.layer_map(3, 7)[-1] == 7
+  assert transfer_options.layer_map(4, 4) == (1, 2, 3, 4)
+  assert transfer_options.layer_map(12, 24) == tuple(range(2, 25, 2))
+  assert transfer_options.layer_map(5, 8) == (2, 3, 5, 6, 8)
+  assert transfer_options.layer_map(4, 6) == (2, 3, 5, 6)  # 1.5 and 4.5 round up
+  assert transfer_options.layer_map(3, 7)[-1] == 7
   with pytest.raises(ValueError, match="more layers"):
-    losses.layer_map(6, 4)
+    transfer_options.layer_map(6, 4)
   with pytest.raises(ValueError, match="positive int"):
-    losses.layer_map(0, 4)
+    transfer_options.layer_map(0, 4)
 
 
 def fake_outputs(seed, depth):
@@ -404,7 +406,7 @@ def test_transfer_losses_match_single_layer_losses_through_the_layer_map():
 
 def test_transfer_losses_options_padding_and_tf1_statistics():
   student, teacher = fake_outputs(70, 3), fake_outputs(80, 3)
-  cfg = losses.default_transfer_config()
+  cfg = transfer_options.default_transfer_config()
   cfg.normalize_features = False
   cfg.feature_over = "real"
   cfg.attention_over = "real"
@@ -447,13 +449,13 @@ def test_transfer_losses_explain_missing_layers():
 def test_kt_section_fields_are_transfer_options():
   from configs import common
   kt = common.kt_section()
-  assert set(kt.keys()) <= set(losses.TRANSFER_DEFAULTS)
+  assert set(kt.keys()) <= set(transfer_options.TRANSFER_DEFAULTS)
   for key in kt.keys():
-    assert losses.transfer_option(kt, key) == kt[key], key
-  assert losses.transfer_option({}, "feature_projection") == "auto"
-  assert losses.transfer_option({}, "attention_transfer") == "auto"
+    assert transfer_options.transfer_option(kt, key) == kt[key], key
+  assert transfer_options.transfer_option({}, "feature_projection") == "auto"
+  assert transfer_options.transfer_option({}, "attention_transfer") == "auto"
   with pytest.raises(KeyError, match="unknown knowledge-transfer option"):
-    losses.transfer_option({}, "projection")
+    transfer_options.transfer_option({}, "projection")
 
 
 def test_transfer_losses_computes_only_the_requested_terms():

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mbert_jax import losses
+from mbert_jax.distill import attention_losses, feature_losses, losses, transfer_options
 from mbert_jax.models import build, preset
 
 Outputs = collections.namedtuple("Outputs", ["hidden_states", "attention_scores", "qkv"])
@@ -157,9 +157,9 @@ def test_projected_feature_terms_match_numpy(per_layer, over):
 def test_project_features_checks_shapes():
   proj = projection(0, 6, 10, layers=2)
   with pytest.raises(ValueError, match="per-layer projection has 2 layers"):
-    losses.project_features(rand(0, B, T, 6), proj, 3)
+    feature_losses.project_features(rand(0, B, T, 6), proj, 3)
   with pytest.raises(ValueError, match="expects student width 6"):
-    losses.project_features(rand(0, B, T, 5), proj, 1)
+    feature_losses.project_features(rand(0, B, T, 5), proj, 1)
 
 
 def test_projection_receives_gradients_through_transfer_losses():
@@ -197,32 +197,32 @@ def test_different_widths_without_projection_say_what_to_do():
 def test_relation_loss_matches_numpy(over, masked):
   s, t = rand(1, B, T, 8, scale=1.5), rand(2, B, T, 12, scale=1.5)
   mask = MASK if masked else None
-  got = losses.relation_loss(s, t, 4, attention_mask=mask, over=over)
+  got = attention_losses.relation_loss(s, t, 4, attention_mask=mask, over=over)
   close(got, np_relation(s, t, 4, mask, over), rtol=1e-5)
 
 
 def test_relation_transfer_loss_sums_queries_keys_values():
   s = [rand(i, B, T, 8) for i in range(3)]
   t = [rand(10 + i, B, T, 12) for i in range(3)]
-  got = losses.relation_transfer_loss(s, t, 2, attention_mask=MASK)
+  got = attention_losses.relation_transfer_loss(s, t, 2, attention_mask=MASK)
   close(got, sum(np_relation(a, b, 2, MASK) for a, b in zip(s, t)), rtol=1e-5)
 
 
 def test_relation_loss_rejects_heads_that_do_not_divide():
   with pytest.raises(ValueError, match="do not divide the teacher's width 12"):
-    losses.relation_loss(rand(0, B, T, 8), rand(1, B, T, 12), 8)
+    attention_losses.relation_loss(rand(0, B, T, 8), rand(1, B, T, 12), 8)
 
 
 def test_relation_heads_auto_and_validation():
-  assert losses.auto_relation_heads(128, 1024, 4, 16) == 16   # MobileBERT <- BERT-large
-  assert losses.auto_relation_heads(128, 768, 4, 12) == 8     # MobileBERT <- BERT-base
-  assert losses.auto_relation_heads(32, 384, 4, 12) == 8      # micro <- MiniLM-L6
-  assert losses.resolve_relation_heads(0, 128, 1024, 4, 16) == 16
-  assert losses.resolve_relation_heads(32, 128, 1024, 4, 16) == 32
+  assert transfer_options.auto_relation_heads(128, 1024, 4, 16) == 16   # MobileBERT <- BERT-large
+  assert transfer_options.auto_relation_heads(128, 768, 4, 12) == 8     # MobileBERT <- BERT-base
+  assert transfer_options.auto_relation_heads(32, 384, 4, 12) == 8      # micro <- MiniLM-L6
+  assert transfer_options.resolve_relation_heads(0, 128, 1024, 4, 16) == 16
+  assert transfer_options.resolve_relation_heads(32, 128, 1024, 4, 16) == 32
   with pytest.raises(ValueError, match="kt.relation_heads=12 does not divide the student"):
-    losses.resolve_relation_heads(12, 128, 768, 4, 12)
+    transfer_options.resolve_relation_heads(12, 128, 768, 4, 12)
   with pytest.raises(ValueError, match=">= 0"):
-    losses.resolve_relation_heads(-1, 128, 768, 4, 12)
+    transfer_options.resolve_relation_heads(-1, 128, 768, 4, 12)
 
 
 def test_model_exposes_qkv_only_when_asked(pair):
@@ -285,9 +285,9 @@ def test_transfer_losses_with_a_teacher_of_every_other_shape(pair):
   cfg = {"num_student_layers": 2, "num_teacher_layers": 3}
   terms = jax.jit(lambda s, t, p: losses.transfer_losses(s, t, mask, cfg, (1, 2), projection=p))(
       student, teacher, proj)
-  heads = losses.auto_relation_heads(32, 96, 4, 6)
+  heads = transfer_options.auto_relation_heads(32, 96, 4, 6)
   assert heads == 4   # gcd(32, 96) = 32: the most relation heads up to 6 dividing it
-  for position, (s_layer, t_layer) in enumerate(zip((1, 2), losses.layer_map(2, 3))):
+  for position, (s_layer, t_layer) in enumerate(zip((1, 2), transfer_options.layer_map(2, 3))):
     projected = (np.asarray(student.hidden_states[s_layer], np.float64)
                  @ np.asarray(proj["kernel"], np.float64) + np.asarray(proj["bias"]))
     close(terms["fmt"][position], np_fmt(projected, teacher.hidden_states[t_layer]), rtol=1e-4)
@@ -308,7 +308,7 @@ def test_transfer_losses_with_a_teacher_of_every_other_shape(pair):
 def test_similarity_loss_matches_numpy(normalize, masked):
   s, t = rand(1, B, T, 6), rand(2, B, T, 10)
   mask = MASK if masked else None
-  close(losses.similarity_loss(s, t, normalize=normalize, mask=mask),
+  close(feature_losses.similarity_loss(s, t, normalize=normalize, mask=mask),
         np_similarity(s, t, normalize, mask), rtol=1e-5)
 
 
@@ -325,7 +325,7 @@ def test_similarity_transfer_zero_for_the_same_network_finite_with_padding(pair)
     for term, values in other.items():
       assert np.all(np.isfinite(values)), term
     # Similarity FMT and raw-moment terms, whatever the widths.
-    s_h, t_h = student.hidden_states[2], teacher.hidden_states[losses.layer_map(2, 3)[1]]
+    s_h, t_h = student.hidden_states[2], teacher.hidden_states[transfer_options.layer_map(2, 3)[1]]
     weights = np.asarray(mask) if over == "real" else None
     close(other["fmt"][1], np_similarity(s_h, t_h, True, weights), rtol=1e-4)
     beta, gamma = np_mean_var(s_h, t_h, weights)
@@ -341,11 +341,11 @@ def test_custom_layer_map_lets_a_deeper_student_learn_from_repeated_teacher_laye
   for position, t_layer in enumerate((1, 1, 2, 2)):
     close(terms["fmt"][position],
           np_fmt(student.hidden_states[position + 1], teacher.hidden_states[t_layer]))
-  assert losses.teacher_depth((1, 1, 2, 2), 2) == 1
-  assert losses.teacher_depth((1, 1, 2, 2), None) is None
+  assert transfer_options.teacher_depth((1, 1, 2, 2), 2) == 1
+  assert transfer_options.teacher_depth((1, 1, 2, 2), None) is None
   with pytest.raises(ValueError, match="kt.layer_map has 3 entries but the student has 4"):
-    losses.resolve_layer_map((1, 1, 2), 4, 2)
+    transfer_options.configured_layer_map((1, 1, 2), 4, 2)
   with pytest.raises(ValueError, match=r"kt.layer_map\[3\] = 3 .* not a teacher layer 1..2"):
-    losses.resolve_layer_map((1, 1, 2, 3), 4, 2)
+    transfer_options.configured_layer_map((1, 1, 2, 3), 4, 2)
   with pytest.raises(ValueError, match=r"set kt.layer_map .* e.g. \[1, 1, 2, 2\]"):
-    losses.resolve_layer_map((), 4, 2)
+    transfer_options.configured_layer_map((), 4, 2)

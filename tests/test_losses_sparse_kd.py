@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mbert_jax import losses
+from mbert_jax.distill import losses
 
 B, P, V = 3, 4, 37
 

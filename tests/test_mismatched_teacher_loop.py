@@ -13,8 +13,9 @@ from safetensors.numpy import load_file
 from configs import common
 from train_util import final_params, metrics_rows, tiny_student_config, tiny_teacher_config
 
-from mbert_jax import export, train
-from mbert_jax.teacher import PROJECTION_KEY
+from mbert_jax.interop import export
+from mbert_jax import launch
+from mbert_jax.distill.teacher import PROJECTION_KEY
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def wide_teacher(tmp_path_factory, data_cache):
                                  num_attention_heads=6, max_position_embeddings=32)
   c.model.vocab_size = -1
   workdir = str(tmp_path_factory.mktemp("wide_teacher"))
-  assert train.run_config(c, workdir)["status"] == "completed"
+  assert launch.run_config(c, workdir)["status"] == "completed"
   return workdir
 
 
@@ -46,7 +47,7 @@ def _student(data_cache, teacher, **train_fields):
 @pytest.fixture(scope="module")
 def student_run(tmp_path_factory, data_cache, wide_teacher):
   workdir = str(tmp_path_factory.mktemp("mismatch_student"))
-  report = train.run_config(_student(data_cache, wide_teacher), workdir)
+  report = launch.run_config(_student(data_cache, wide_teacher), workdir)
   assert report["status"] == "completed"
   assert "relation" in report["transfer"] and "shared" in report["transfer"]
   return workdir
@@ -62,7 +63,7 @@ def test_projection_trains_in_layer_wise_stages_and_resumes_bitwise(student_run,
   rows = [r for r in metrics_rows(student_run) if "fmt_loss" in r]
   assert rows and all(np.isfinite(r["fmt_loss"]) and np.isfinite(r["at_loss"]) for r in rows)
   cut = str(tmp_path / "cut")  # stopped where the layer-wise phases end (2 x 3 steps)
-  train.run_config(_student(data_cache, wide_teacher, steps=6, checkpoint_every=1), cut)
+  launch.run_config(_student(data_cache, wide_teacher, steps=6, checkpoint_every=1), cut)
   mid, at_pd = _state_params(cut, 4), _state_params(cut, 6)
   final = _state_params(student_run)
   proj = [k for k in final if k.startswith(PROJECTION_KEY + "/")]
@@ -70,7 +71,7 @@ def test_projection_trains_in_layer_wise_stages_and_resumes_bitwise(student_run,
   assert any(not np.array_equal(mid[k], at_pd[k]) for k in proj)  # trained in phase 2
   for k in proj:  # frozen through PD
     np.testing.assert_array_equal(at_pd[k], final[k], err_msg=k)
-  train.run_config(_student(data_cache, wide_teacher), cut)  # resume into PD
+  launch.run_config(_student(data_cache, wide_teacher), cut)  # resume into PD
   resumed = _state_params(cut)
   assert resumed.keys() == final.keys()
   for k in final:

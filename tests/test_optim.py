@@ -1,4 +1,4 @@
-"""Tests for mbert_jax.optim against an independent numpy transcription of TF1 MobileBERT's
+"""Tests for mbert_jax.training.optim against an independent numpy transcription of TF1 MobileBERT's
 ``lamb_optimizer.py`` / ``AdamWeightDecayOptimizer`` (one TF variable per layer, as TF1 has)."""
 
 import math
@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mbert_jax import optim
+from mbert_jax.training import optim
 
 L = 3  # layers in the stacked encoder leaves
 
@@ -432,7 +432,7 @@ def test_grad_accumulation_equals_one_big_batch_step():
   for a, b in zip(jax.tree.leaves(g_acc), jax.tree.leaves(g_big)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
-  cfg = _cfg(warmup_steps=0, learning_rate=0.01, grad_accum_steps=4)
+  cfg = _cfg(warmup_steps=0, learning_rate=0.01)
   tx = optim.build_optimizer(cfg, params)
   state = tx.init(params)
   u_big, _ = tx.update(g_big, state, params)
@@ -464,7 +464,6 @@ def test_grad_accumulation_equals_one_big_batch_step():
   ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
   ({"name": "adam"}, "'adam' has no weight decay"),
   ({"clip_norm": -1.0}, "clip_norm must be >= 0"),
-  ({"grad_accum_steps": 0}, "grad_accum_steps must be >= 1"),
   ({"schedule": "step"}, "unknown learning-rate schedule 'step'"),
   ({"warmup_steps": 600_000}, "warmup_steps .* must not exceed total_steps"),
   ({"total_steps": 0}, "needs total_steps > 0"),

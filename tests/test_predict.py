@@ -16,7 +16,8 @@ import pytest
 
 from export_util import (FOODS, NAMES, error_line, glue_run, run_module, squad_context,
                          squad_run, write_sst2, write_squad, write_stsb)
-from mbert_jax import export, predict
+from mbert_jax.interop import export
+from mbert_jax.interop import predict
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op"),
               pytest.mark.filterwarnings("ignore:# The axis name"),

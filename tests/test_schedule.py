@@ -1,4 +1,4 @@
-"""Schedule presets expand to the stages of spec §9; multipliers, LR and stage lookup."""
+"""Schedule presets expand to the official strategies' stages; multipliers, LR and stage lookup."""
 
 import math
 
@@ -8,8 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mbert_jax import schedule
-from mbert_jax.schedule import GroupMultipliers, LRSchedule, Stage
+from mbert_jax.distill import schedule
+from mbert_jax.distill.stage import GroupMultipliers, LRSchedule, Stage
 
 L = 4  # student layers in these tests
 
@@ -113,7 +113,7 @@ def test_linear_lr_warms_up_then_decays_from_step_zero():
   assert float(lr(5_000, total)) == pytest.approx(0.75e-3)
   expected_at_warmup_end = 1.5e-3 * ((1 - 1e-4) * (1 - 10_000 / total) + 1e-4)
   assert float(lr(10_000, total)) == pytest.approx(expected_at_warmup_end, rel=1e-6)
-  assert float(lr(10_000, total)) == pytest.approx(1.47e-3, rel=1e-3)  # spec §9.7
+  assert float(lr(10_000, total)) == pytest.approx(1.47e-3, rel=1e-3)  # decay runs from step 0
   assert float(lr(total, total)) == pytest.approx(1.5e-7, rel=1e-4)
   assert float(lr(2 * total, total)) == pytest.approx(1.5e-7, rel=1e-4)
 
@@ -381,7 +381,7 @@ def test_stage_is_hashable_and_immutable():
   assert schedule.build_schedule(config(name="pd_only"), L)[0].teacher_num_layers(L, 8) is None
 
 
-def test_config_is_a_configdict_with_spec_defaults():
+def test_config_is_a_configdict_with_official_defaults():
   c = schedule.default_schedule_config()
   assert isinstance(c, ml_collections.ConfigDict)
   assert (c.name, c.steps_per_layer, c.distill_steps, c.learning_rate, c.warmup_steps) == (
@@ -389,4 +389,4 @@ def test_config_is_a_configdict_with_spec_defaults():
   assert (c.hidden_distill_factor, c.beta_distill_factor, c.gamma_distill_factor,
           c.attention_distill_factor, c.alpha, c.temperature) == (100, 5000, 5, 1, 0.5, 1.0)
   stages = schedule.build_schedule(c, 24)
-  assert schedule.total_steps(stages) == 740_000  # spec §9.5: 24 x 10k + 500k
+  assert schedule.total_steps(stages) == 740_000  # 24 PKT phases x 10k + 500k PD

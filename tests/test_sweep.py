@@ -17,9 +17,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from mbert_jax import schedule as schedule_lib
-from mbert_jax import sweep as sw
-from mbert_jax import sweep_report as rep
+from mbert_jax.distill import schedule as schedule_lib
+from mbert_jax.sweeps import report as rep
+from mbert_jax.sweeps import runner
+from mbert_jax.sweeps import sweep as sw
 
 # config_flags loads config files with a loader method Python deprecates; not ours to change.
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
@@ -65,7 +66,7 @@ def _write_sweep(tmp_path, body: str) -> str:
   path = tmp_path / "my_sweep.py"
   path.write_text(textwrap.dedent("""
       from configs import distill_mobilebert
-      from mbert_jax import sweep as sw
+      from mbert_jax.sweeps import sweep as sw
 
       def get_config(arg=None):
         c = distill_mobilebert.get_config("smoke")
@@ -108,7 +109,7 @@ def test_kt_strategies_spend_equal_total_steps(tmp_path):
 def test_emitted_commands_reproduce_configs(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(ROOT)  # emitted commands run from the repo root
   sweepdir = str(tmp_path / "kt")
-  assert sw.main([f"--sweep={KT}:smoke", f"--workdir={sweepdir}", "--emit"]) == 0
+  assert runner.main([f"--sweep={KT}:smoke", f"--workdir={sweepdir}", "--emit"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   commands = [line for line in lines if not line.startswith("#")]
   # The teacher, the one shared teacher cache, then every run.
@@ -141,7 +142,7 @@ def test_emitted_commands_reproduce_configs(tmp_path, monkeypatch, capsys):
     reads = config.schedule.get("teacher_cache", "")
     assert reads == (cache_dir if name in SHARED_CACHE_RUNS else ""), name
   assert not expected  # every run got a command
-  manifest = json.load(open(os.path.join(sweepdir, sw.MANIFEST)))
+  manifest = json.load(open(os.path.join(sweepdir, rep.MANIFEST)))
   assert [e["name"] for e in manifest["runs"]] == ["teacher", *KT_RUNS]
   assert manifest["runs"][0]["setup"] and manifest["runs"][1]["strategy"] == "pkt"
   assert manifest["teacher_caches"] == {cache_dir: list(SHARED_CACHE_RUNS)}
@@ -149,7 +150,7 @@ def test_emitted_commands_reproduce_configs(tmp_path, monkeypatch, capsys):
 
 def test_kt_strategies_without_a_cache_run_every_teacher_online(tmp_path):
   runs = sw.SweepFile(f"{KT}:smoke,cache_k=0").runs()
-  assert sw.teacher_caches(runs, str(tmp_path)) == {}
+  assert runner.teacher_caches(runs, str(tmp_path)) == {}
   for r in runs:
     assert not sw.resolve(r, str(tmp_path)).schedule.teacher_cache, r.name
   with pytest.raises(ValueError, match="cache_k=-1 must be >= 0"):
@@ -166,7 +167,7 @@ def test_sweep_file_with_auto_names_and_tuples_round_trips(tmp_path, monkeypatch
   sweep_file = sw.SweepFile("my_sweep.py")
   names = [r.name for r in sweep_file.runs()]
   assert len(set(names)) == 4 and names[0].startswith("name=pkt_logical_axis_rules=")
-  lines = sw.emit(sweep_file, str(tmp_path / "out"))
+  lines = runner.emit(sweep_file, str(tmp_path / "out"))
   assert sum(not line.startswith("#") for line in lines) == 4
   assert "--config.mesh.logical_axis_rules=" in "\n".join(lines)
 
@@ -191,12 +192,12 @@ def test_sweep_file_with_auto_names_and_tuples_round_trips(tmp_path, monkeypatch
 ])
 def test_bad_sweep_files_fail_clearly(tmp_path, capsys, body, message):
   path = _write_sweep(tmp_path, body)
-  assert sw.main([f"--sweep={path}", f"--workdir={tmp_path / 'out'}", "--emit"]) == 2
+  assert runner.main([f"--sweep={path}", f"--workdir={tmp_path / 'out'}", "--emit"]) == 2
   assert message in capsys.readouterr().err
 
 
 def test_only_names_unknown_runs(tmp_path, capsys):
-  assert sw.main([f"--sweep={KT}:tiny", f"--workdir={tmp_path}", "--emit", "--only=pkt,pkk"]) == 2
+  assert runner.main([f"--sweep={KT}:tiny", f"--workdir={tmp_path}", "--emit", "--only=pkt,pkk"]) == 2
   assert "unknown run(s) ['pkk']" in capsys.readouterr().err
 
 
@@ -207,9 +208,9 @@ def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path):
                 {"name": "no_teacher", "schedule.name": "jkt"}]
       """)
   sweepdir = tmp_path / "out"
-  assert sw.main([f"--sweep={path}", f"--workdir={sweepdir}"]) == 1
+  assert runner.main([f"--sweep={path}", f"--workdir={sweepdir}"]) == 1
   for name, error in (("bad_dtype", "compute_dtype"), ("no_teacher", "no_teacher_here")):
-    assert error in (sweepdir / name / sw.ERROR_FILE).read_text()
+    assert error in (sweepdir / name / rep.ERROR_FILE).read_text()
   rows = list(csv.DictReader(open(sweepdir / "results.csv")))
   assert [(r["name"], r["status"]) for r in rows] == [("bad_dtype", "failed"),
                                                       ("no_teacher", "failed")]
@@ -234,10 +235,11 @@ class _Spy:
   real teacher-cache writer did."""
 
   def __init__(self, monkeypatch):
-    from mbert_jax import teacher_cache, train
+    from mbert_jax.distill import teacher_cache
+    from mbert_jax import launch
     self.calls: list[str] = []
     self.cache_reports: list[dict] = []
-    real_run, real_write = train.run_config, teacher_cache.write_cache
+    real_run, real_write = launch.run_config, teacher_cache.write_cache
 
     def run_spy(config, workdir):
       self.calls.append(os.path.basename(workdir))
@@ -246,7 +248,7 @@ class _Spy:
     def write_spy(config, workdir, **kw):
       self.cache_reports.append(real_write(config, workdir, **kw))
       return self.cache_reports[-1]
-    monkeypatch.setattr(train, "run_config", run_spy)
+    monkeypatch.setattr(launch, "run_config", run_spy)
     monkeypatch.setattr(teacher_cache, "write_cache", write_spy)
 
 
@@ -255,7 +257,7 @@ def tiny_sweep(tmp_path_factory):
   sweepdir = str(tmp_path_factory.mktemp("kt_tiny"))
   with pytest.MonkeyPatch.context() as mp:
     spy = _Spy(mp)
-    rc = sw.main([f"--sweep={KT}:tiny", f"--workdir={sweepdir}", f"--only={','.join(TINY_RUNS)}"])
+    rc = runner.main([f"--sweep={KT}:tiny", f"--workdir={sweepdir}", f"--only={','.join(TINY_RUNS)}"])
   return sweepdir, rc, spy
 
 
@@ -329,7 +331,7 @@ def test_report_mode_rebuilds_from_disk(tiny_sweep, capsys):
   before = open(os.path.join(sweepdir, "results.csv")).read()
   for f in ("results.csv", "results.md", "loss_curves.png", "final_accuracy.png"):
     os.remove(os.path.join(sweepdir, f))
-  assert sw.main(["--report", f"--workdir={sweepdir}"]) == 0
+  assert runner.main(["--report", f"--workdir={sweepdir}"]) == 0
   assert open(os.path.join(sweepdir, "results.csv")).read() == before
   assert os.path.exists(os.path.join(sweepdir, "loss_curves.png"))
 
@@ -367,7 +369,7 @@ def test_rerun_resumes_only_the_unfinished_run(tiny_sweep, monkeypatch):
   os.remove(os.path.join(sweepdir, "scratch", "final.json"))
   shutil.rmtree(os.path.join(sweepdir, "scratch", "checkpoints", "6"))
   spy = _Spy(monkeypatch)
-  assert sw.main([f"--sweep={KT}:tiny", f"--workdir={sweepdir}", "--only=akt,scratch"]) == 0
+  assert runner.main([f"--sweep={KT}:tiny", f"--workdir={sweepdir}", "--only=akt,scratch"]) == 0
   assert spy.calls == ["scratch"]
   for n, mtime in finished.items():
     assert os.path.getmtime(os.path.join(sweepdir, n, "final.json")) == mtime, n
@@ -375,24 +377,24 @@ def test_rerun_resumes_only_the_unfinished_run(tiny_sweep, monkeypatch):
   assert final["status"] == "completed" and final["step"] == 6
   logged = [r["step"] for r in rep.read_metrics(os.path.join(sweepdir, "scratch")) if "loss" in r]
   assert logged.count(4) == 1 and logged.count(5) == 2  # steps 5-6 trained again from step 4
-  wall = json.load(open(os.path.join(sweepdir, "scratch", sw.WALL_FILE)))
+  wall = json.load(open(os.path.join(sweepdir, "scratch", rep.WALL_FILE)))
   assert wall["sessions"] == 2
   assert {r["name"]: r["status"] for r in _rows(sweepdir)}["scratch"] == "completed"
 
 
 def test_changed_config_is_refused_before_anything_is_written(tiny_sweep, capsys):
   sweepdir = tiny_sweep[0]
-  manifest = open(os.path.join(sweepdir, sw.MANIFEST)).read()
+  manifest = open(os.path.join(sweepdir, rep.MANIFEST)).read()
   # steps_per_layer is part of every student's identity (a longer final stage is not: see
   # the next test).
-  assert sw.main([f"--sweep={KT}:tiny,steps_per_layer=3", f"--workdir={sweepdir}",
+  assert runner.main([f"--sweep={KT}:tiny,steps_per_layer=3", f"--workdir={sweepdir}",
                   "--only=akt"]) == 2
   err = capsys.readouterr().err
   assert "holds a run of a different config" in err
   assert "schedule.steps_per_layer: 2 in the workdir, 3 now" in err
   # The first run in the sweep's order whose directory holds checkpoints is named.
   assert len(err.strip().splitlines()) == 1 and err.startswith("error: run 'pkt_freeze'")
-  assert open(os.path.join(sweepdir, sw.MANIFEST)).read() == manifest
+  assert open(os.path.join(sweepdir, rep.MANIFEST)).read() == manifest
 
 
 def test_a_longer_final_stage_extends_a_finished_run(tiny_sweep, monkeypatch):
@@ -400,7 +402,7 @@ def test_a_longer_final_stage_extends_a_finished_run(tiny_sweep, monkeypatch):
   run whose config asks for one instead of reporting its old result."""
   sweepdir = tiny_sweep[0]
   spy = _Spy(monkeypatch)
-  assert sw.main([f"--sweep={KT}:tiny,distill_steps=3", f"--workdir={sweepdir}",
+  assert runner.main([f"--sweep={KT}:tiny,distill_steps=3", f"--workdir={sweepdir}",
                   "--only=akt"]) == 0
   assert spy.calls == ["akt"]  # the teacher's config did not change: still skipped
   final = json.load(open(os.path.join(sweepdir, "akt", "final.json")))

@@ -23,12 +23,12 @@ import pytest
 
 from train_util import ROOT, tiny_student_config
 
-from mbert_jax import sharding
-from mbert_jax import teacher_cache as tc
-from mbert_jax.checkpoint import Checkpointer
+from mbert_jax.training import sharding
+from mbert_jax.distill import cache_format, teacher_cache as tc
+from mbert_jax.training.checkpoint import Checkpointer
 from mbert_jax.data import build_pipeline
-from mbert_jax.models import build, preset
-from mbert_jax.workdir import write_json
+from mbert_jax.models import build, example_inputs, preset
+from mbert_jax.training.workdir import write_json
 
 K = 8
 PD_STEPS = (4, 9)
@@ -53,7 +53,8 @@ def teacher_dir(tmp_path_factory, data_cache):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=5, async_save=False)
   for step in (3, 5):
-    params, _ = sharding.init_params(cfg, step, mesh, sharding.DEFAULT_RULES)
+    params, _ = sharding.init_params(build(cfg), example_inputs(cfg), step, mesh,
+                                     sharding.DEFAULT_RULES)
     ckpt.save(step, {"params": params}, {"step": step})
   ckpt.close()
   return workdir
@@ -91,7 +92,7 @@ def copy_of(written, tmp_path) -> str:
 
 
 def shard(cache_dir: str, cell: int) -> str:
-  return os.path.join(cache_dir, tc.SHARD_DIR, tc.shard_name(cell, 0, 1))
+  return os.path.join(cache_dir, cache_format.SHARD_DIR, cache_format.shard_name(cell, 0, 1))
 
 
 def read_bytes(path: str) -> bytes:
@@ -101,7 +102,7 @@ def read_bytes(path: str) -> bytes:
 
 def teacher_logits(c, step: int, teacher_step: int) -> tuple[np.ndarray, dict]:
   """The teacher's MLM logits on the pipeline's batch of `step`, computed directly."""
-  from mbert_jax.export import load_run
+  from mbert_jax.interop.model_source import load_run
   cfg, params, at = load_run(c.teacher.checkpoint, teacher_step)
   assert at == teacher_step
   batch = build_pipeline(c.data, None).batch_at(step)
@@ -144,7 +145,7 @@ def test_targets_equal_a_direct_teacher_forward(written, data_cache, teacher_dir
                                  atol=2e-3)
       # Any split into process slices gives the same rows.
       halves = [cache.targets_at(step, i, 2) for i in range(2)]
-      for name in tc.TARGET_KEYS:
+      for name in cache_format.TARGET_KEYS:
         np.testing.assert_array_equal(np.concatenate([h[name] for h in halves]), got[name])
 
 
@@ -311,7 +312,7 @@ import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address={addr!r}, num_processes=2, process_id={pid})
 from test_teacher_cache import run_config
-from mbert_jax import teacher_cache as tc
+from mbert_jax.distill import teacher_cache as tc
 assert jax.process_count() == 2 and jax.device_count() == 4
 report = tc.write_cache(run_config({data!r}, {teacher!r}), {workdir!r}, progress=False)
 print("REPORT" + json.dumps(report))
@@ -338,8 +339,8 @@ def test_two_processes_write_their_own_slices(written, data_cache, teacher_dir, 
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
-  assert sorted(os.listdir(os.path.join(cache_dir, tc.SHARD_DIR))) == [
-      tc.shard_name(cell, i, 2) for cell in (2, 3, 4) for i in range(2)]
+  assert sorted(os.listdir(os.path.join(cache_dir, cache_format.SHARD_DIR))) == [
+      cache_format.shard_name(cell, i, 2) for cell in (2, 3, 4) for i in range(2)]
   key = run_key(run_config(data_cache, teacher_dir))
   with tc.open_cache(cache_dir, key, steps=PD_STEPS) as two, \
        tc.open_cache(written[0], key, steps=PD_STEPS) as one:

@@ -12,7 +12,8 @@ import pytest
 
 from train_util import final_params, metrics_rows, tiny_student_config, tiny_teacher_config
 
-from mbert_jax import teacher_cache, train
+from mbert_jax.distill import teacher_cache
+from mbert_jax import launch
 
 LAYERS, PER_LAYER, PD = 2, 2, 4
 
@@ -25,7 +26,8 @@ def data_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, data_cache):
   workdir = str(tmp_path_factory.mktemp("kd_teacher"))
-  assert train.run_config(tiny_teacher_config(data_cache, steps=6), workdir)["status"] == "completed"
+  report = launch.run_config(tiny_teacher_config(data_cache, steps=6), workdir)
+  assert report["status"] == "completed"
   return workdir
 
 
@@ -52,7 +54,7 @@ def exact_cache(tmp_path_factory, data_cache, teacher):
 @pytest.fixture(scope="module")
 def online_run(tmp_path_factory, data_cache, teacher):
   workdir = str(tmp_path_factory.mktemp("online"))
-  assert train.run_config(_student(data_cache, teacher), workdir)["status"] == "completed"
+  assert launch.run_config(_student(data_cache, teacher), workdir)["status"] == "completed"
   return workdir
 
 
@@ -63,7 +65,7 @@ def _rows(workdir: str) -> dict[int, dict]:
 def test_exact_cache_trains_like_the_online_teacher(online_run, exact_cache, data_cache, teacher,
                                                     tmp_path):
   workdir = str(tmp_path / "cached")
-  report = train.run_config(_student(data_cache, teacher, exact_cache), workdir)
+  report = launch.run_config(_student(data_cache, teacher, exact_cache), workdir)
   assert report["status"] == "completed" and report["teacher_cache"] == exact_cache
   online, cached = _rows(online_run), _rows(workdir)
   assert online.keys() == cached.keys()
@@ -82,13 +84,13 @@ def test_exact_cache_trains_like_the_online_teacher(online_run, exact_cache, dat
 def test_resumed_into_the_cached_stage_the_teacher_is_not_loaded(exact_cache, data_cache, teacher,
                                                                  tmp_path):
   ref = str(tmp_path / "ref")
-  train.run_config(_student(data_cache, teacher, exact_cache), ref)
+  launch.run_config(_student(data_cache, teacher, exact_cache), ref)
   workdir = str(tmp_path / "cut")
   stop = LAYERS * PER_LAYER + 1  # one step into the cached stage
-  first = train.run_config(_student(data_cache, teacher, exact_cache, steps=stop,
+  first = launch.run_config(_student(data_cache, teacher, exact_cache, steps=stop,
                                     checkpoint_every=1), workdir)
   assert first["step"] == stop and first["teacher_loaded"]
-  second = train.run_config(_student(data_cache, teacher, exact_cache), workdir)
+  second = launch.run_config(_student(data_cache, teacher, exact_cache), workdir)
   assert second["status"] == "completed" and not second["teacher_loaded"]
   a, b = final_params(ref), final_params(workdir)
   assert a.keys() == b.keys()
@@ -102,9 +104,9 @@ def test_a_run_started_online_switches_to_the_cache_mid_stage(online_run, exact_
   data and teacher), so a long PD stage begun online can finish from a cache built later."""
   workdir = str(tmp_path / "switched")
   stop = LAYERS * PER_LAYER + 2
-  first = train.run_config(_student(data_cache, teacher, steps=stop, checkpoint_every=1), workdir)
+  first = launch.run_config(_student(data_cache, teacher, steps=stop, checkpoint_every=1), workdir)
   assert first["step"] == stop and first["teacher_cache"] is None
-  second = train.run_config(_student(data_cache, teacher, exact_cache), workdir)
+  second = launch.run_config(_student(data_cache, teacher, exact_cache), workdir)
   assert second["status"] == "completed" and second["teacher_cache"] == exact_cache
   assert not second["teacher_loaded"]
   online, switched = _rows(online_run), _rows(workdir)
@@ -118,8 +120,8 @@ def test_a_cache_of_other_data_is_refused_before_compiling(exact_cache, data_cac
   c = _student(data_cache, teacher, exact_cache)
   c.data.seed = c.data.seed + 1
   with pytest.raises(ValueError, match="data.seed"):
-    train.run_config(c, str(tmp_path / "other"))
+    launch.run_config(c, str(tmp_path / "other"))
   assert not os.path.exists(os.path.join(tmp_path, "other", "checkpoints"))
   c = _student(data_cache, teacher, str(tmp_path / "nowhere"))
   with pytest.raises(FileNotFoundError, match="nowhere"):
-    train.run_config(c, str(tmp_path / "missing"))
+    launch.run_config(c, str(tmp_path / "missing"))

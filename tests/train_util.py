@@ -76,7 +76,7 @@ def train_losses(workdir: str) -> dict[int, float]:
 
 def final_params(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
   from flax import traverse_util
-  from mbert_jax.export import load_run
+  from mbert_jax.interop.model_source import load_run
   _, params, _ = load_run(workdir, step)
   return traverse_util.flatten_dict(params, sep="/")
 

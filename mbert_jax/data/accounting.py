@@ -6,16 +6,26 @@ is lost beyond documents skipped whole. A document whose lines are not sentences
 per line read as one sentence per line) is one enormous "sentence": every one of its chunks is
 that sentence, truncated to a single example, and nearly all its text is lost. These functions
 measure that from a pairing round's instance table, and name the setting that would keep it.
+
+A config that loses text on purpose (the demo's sequence length of 64 cuts a quarter of the
+built-in corpus) says so in `data.expected_drop_fraction`, and only a larger drop is warned
+about. A warning is given once per process for a corpus and its settings: a pipeline of runs
+(configs/demo.py) builds the same text for every run, and its held-out eval part loses as much.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import math
+from typing import Any, Hashable
 
 import numpy as np
 
-# More than this share of the corpus's tokens missing from every example is warned about.
+# More than this share of the corpus's tokens missing from every example is warned about,
+# unless the config expects a larger drop (data.expected_drop_fraction).
 DROP_WARNING_FRACTION = 0.10
+
+_warned: set[Hashable] = set()
 
 
 def covered_tokens_per_document(instances: np.ndarray, sentence_offsets: np.ndarray,
@@ -102,15 +112,29 @@ def drop_advice(accounting: dict[str, Any], splitters: list[str], max_seq_length
 
 
 def drop_warning(accounting: dict[str, Any], splitters: list[str], max_seq_length: int,
-                 min_document_sentences: int, what: str = "the corpus") -> str | None:
-  """A loud multi-line warning when more than DROP_WARNING_FRACTION of the tokens are lost."""
+                 min_document_sentences: int, what: str = "the corpus",
+                 expected_fraction: float = 0.0) -> str | None:
+  """A loud warning when more of the tokens are lost than both DROP_WARNING_FRACTION and the
+  config's `expected_fraction` (data.expected_drop_fraction)."""
   fraction = accounting["dropped_fraction"]
-  if fraction <= DROP_WARNING_FRACTION:
+  if fraction <= max(DROP_WARNING_FRACTION, expected_fraction):
     return None
   read = accounting["tokens_read"]
   parts = ", ".join(f"{k.replace('_', ' ')} {v:,} ({v / read:.1%})"
                     for k, v in accounting["tokens_dropped"].items() if v)
+  expected = (f", more than the {expected_fraction:.1%} this config expects"
+              if expected_fraction > DROP_WARNING_FRACTION else "")
   return (f"DATA WARNING: {fraction:.1%} of {what}'s {read:,} tokens reach no "
-          f"example ({parts}); {accounting['examples']:,} examples = "
+          f"example ({parts}{expected}); {accounting['examples']:,} examples = "
           f"{accounting['examples_per_million_tokens']:,.0f} per million tokens. "
-          f"{drop_advice(accounting, splitters, max_seq_length, min_document_sentences)}.")
+          f"{drop_advice(accounting, splitters, max_seq_length, min_document_sentences)}. "
+          f"If this loss is intended, set data.expected_drop_fraction="
+          f"{math.ceil(fraction * 100) / 100:.2f}.")
+
+
+def warn_once(log: logging.Logger, message: str | None, corpus_key: Hashable) -> None:
+  """Log `message` unless this process has already warned about `corpus_key` (the text read
+  and the settings that decide what is dropped)."""
+  if message and corpus_key not in _warned:
+    _warned.add(corpus_key)
+    log.warning("%s", message)

@@ -52,6 +52,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   # containing "wikitext" (rows are lines, ` = Title = ` starts an article), else `row`.
   c.document_grouping = "auto"
   c.min_document_sentences = 1  # BERT keeps one-sentence documents (their B is always random)
+  # The share of the corpus's tokens this config knowingly leaves out of every example (e.g. a
+  # short max_seq_length on purpose, as the demo does); the DATA WARNING fires only for a drop
+  # above both this and 10% (mbert_jax/data/accounting.py).
+  c.expected_drop_fraction = 0.0
   c.max_line_chars = 100_000  # longer lines are split at whitespace (counted)
   c.max_document_chars = 10_000_000  # longer documents are split (counted)
   c.num_proc = 2  # spawned processes for tokenization and large-corpus pairing (never forked)
@@ -87,6 +91,8 @@ def validate_data_config(cfg) -> None:
   for name in ("eval_batch_size", "pairing_rounds"):
     if int(cfg[name]) < 0:
       raise _bad(name, cfg[name], "must be >= 0")
+  if not 0.0 <= cfg.expected_drop_fraction < 1.0:
+    raise _bad("expected_drop_fraction", cfg.expected_drop_fraction, "must lie in [0, 1)")
   if not 0.0 <= cfg.eval_fraction < 1.0:
     raise _bad("eval_fraction", cfg.eval_fraction, "must lie in [0, 1)")
   if cfg.sentence_splitter not in SENTENCE_SPLITTERS:

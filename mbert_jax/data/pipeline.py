@@ -384,9 +384,13 @@ class Pipeline:
     splitters = [c["splitter"] for c in self._corpus.stats.get("sentence_splitters", [])]
     message = accounting.drop_warning(
         self.stats["token_accounting"], splitters, self.max_seq_length,
-        int(self.config.min_document_sentences), what=f"the {self.split} corpus")
-    if message:
-      log.warning("%s", message)
+        int(self.config.min_document_sentences), what=f"the {self.split} corpus",
+        expected_fraction=float(self.config.expected_drop_fraction))
+    # A held-out eval split is read from `source` and loses what its train split loses.
+    cfg = self.config
+    text = cfg.eval_source if self.split == "eval" and str(cfg.eval_source).strip() else cfg.source
+    accounting.warn_once(log, message, (str(text), self.max_seq_length, float(cfg.short_seq_prob),
+                                        int(cfg.min_document_sentences), tuple(splitters)))
 
   def _summary(self, table: np.ndarray) -> dict[str, Any]:
     stats = json.loads(json.dumps(self._corpus.stats))

@@ -32,6 +32,9 @@ CONTINUATION_PREFIX = "##"
 # Part of vocabulary cache keys: bump when training would give a different vocabulary.
 TRAINER_VERSION = "hf-wordpiece-pinned-v1"
 _BRACKETED = re.compile(r"^\[[^\]]+\]$")
+# A tokenizer directory's files, as `save_tokenizer` writes them and Hugging Face reads them.
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
 
 
 def _bert_pipeline(tok: Tokenizer, lower_case: bool = True) -> Tokenizer:
@@ -133,26 +136,26 @@ def token_ids(tok: Tokenizer, names: Sequence[str] = ("cls", "sep", "pad")) -> d
   return ids
 
 
-def tokenizer_file(spec: str) -> str:
+def tokenizer_file(spec: str, setting: str = "data.vocab") -> str:
   """The tokenizer.json or vocab.txt a `data.vocab` spec names (a directory: tokenizer.json
-  preferred); FileNotFoundError naming the spec otherwise."""
+  preferred); FileNotFoundError naming the spec (as `setting`) otherwise."""
   path = os.path.expanduser(spec)
   if os.path.isdir(path):
     for name in ("tokenizer.json", "vocab.txt"):
       if os.path.isfile(os.path.join(path, name)):
         return os.path.join(path, name)
-    raise FileNotFoundError(f"data.vocab={spec!r}: directory holds neither tokenizer.json nor "
+    raise FileNotFoundError(f"{setting}={spec!r}: directory holds neither tokenizer.json nor "
                             f"vocab.txt")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"data.vocab={spec!r}: no such file")
+    raise FileNotFoundError(f"{setting}={spec!r}: no such file")
   return path
 
 
-def read_tokenizer_json(path: str, spec: str) -> Tokenizer:
+def read_tokenizer_json(path: str, spec: str, setting: str = "data.vocab") -> Tokenizer:
   try:
     return Tokenizer.from_file(path)
   except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-    raise ValueError(f"data.vocab={spec!r}: not a tokenizers JSON file ({e})") from e
+    raise ValueError(f"{setting}={spec!r}: not a tokenizers JSON file ({e})") from e
 
 
 def saved_lower_case(vocab_path: str) -> bool | None:
@@ -167,19 +170,22 @@ def saved_lower_case(vocab_path: str) -> bool | None:
 
 
 def load_tokenizer(spec: str, *, lower_case: bool | None = None,
-                   require: Sequence[str] = PRETRAINING_SPECIAL_TOKENS) -> Tokenizer:
-  """A vocab.txt, a tokenizer.json, or a directory holding either (tokenizer.json preferred).
+                   require: Sequence[str] = PRETRAINING_SPECIAL_TOKENS,
+                   setting: str = "data.vocab") -> Tokenizer:
+  """A vocab.txt, a tokenizer.json, or a directory holding either (tokenizer.json preferred):
+  the one tokenizer loader of pretraining, fine-tuning and `predict`.
 
   A tokenizer.json carries its own normalisation and is used as written. A vocab.txt becomes a
   BERT WordPiece tokenizer: cased or uncased per `lower_case`, or when None per the
   `do_lower_case` of a tokenizer_config.json beside it, else uncased. `require`: the special
   tokens that must exist (pretraining needs [MASK], fine-tuning FINETUNE_SPECIAL_TOKENS).
+  `setting`: the config field or flag that named `spec`, for the error messages.
   """
-  path = tokenizer_file(spec)
+  path = tokenizer_file(spec, setting)
   if path.endswith(".json"):
     # Its own padding/truncation (HF ships e.g. pad-to-128) would turn every sentence into a
     # fixed-length row before our pairing and truncation: always off.
-    tok = plain_tokenizer(read_tokenizer_json(path, spec))
+    tok = plain_tokenizer(read_tokenizer_json(path, spec, setting))
     require_tokens(tok, require, f"tokenizer {path}")
     return tok
   if lower_case is None:

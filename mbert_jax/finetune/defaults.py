@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from mbert_jax.finetune.tasks import get_task
+from mbert_jax.finetune.glue import get_task
 
 __all__ = ["OPTIMIZER_DEFAULTS", "GLUE_DEFAULTS", "SQUAD_DEFAULTS", "glue_defaults",
            "squad_defaults"]

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mbert_jax.finetune.metrics import squad_version
-from mbert_jax.finetune.tasks import parse_json_lines, plain_tokenizer, special_token_ids
+from mbert_jax.finetune.glue import parse_json_lines, plain_tokenizer, special_token_ids
 
 __all__ = [
     "SQUAD_HUB",

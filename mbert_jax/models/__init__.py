@@ -4,27 +4,55 @@ from mbert_jax.models.config import PRESETS, ModelConfig, from_hf_config, preset
 from mbert_jax.models.mobilebert import MobileBert, ModelOutput, SequenceClassifier, SpanExtractor
 
 
-def build(model_config: ModelConfig) -> MobileBert:
-  """The Flax module for a validated config (a ModelConfig or a mapping of its fields)."""
+import jax.numpy as jnp
+
+HEADS = ("pretraining", "classification", "question_answering")
+
+
+def _config(model_config) -> ModelConfig:
   if not isinstance(model_config, ModelConfig):
     model_config = ModelConfig.from_dict(dict(model_config))
-  return MobileBert(model_config.validate())
+  return model_config.validate()
+
+
+def build(model_config: ModelConfig) -> MobileBert:
+  """The Flax module for a validated config (a ModelConfig or a mapping of its fields)."""
+  return MobileBert(_config(model_config))
 
 
 def build_classifier(model_config: ModelConfig, num_labels: int, dropout: float = 0.1):
   """Backbone + pooled-[CLS] classifier (num_labels=1: regression) for GLUE fine-tuning."""
-  if not isinstance(model_config, ModelConfig):
-    model_config = ModelConfig.from_dict(dict(model_config))
-  return SequenceClassifier(model_config.validate(), num_labels=num_labels, classifier_dropout=dropout)
+  return SequenceClassifier(_config(model_config), num_labels=num_labels,
+                            classifier_dropout=dropout)
 
 
 def build_span_extractor(model_config: ModelConfig):
   """Backbone + start/end span logits for SQuAD fine-tuning."""
-  if not isinstance(model_config, ModelConfig):
-    model_config = ModelConfig.from_dict(dict(model_config))
-  return SpanExtractor(model_config.validate())
+  return SpanExtractor(_config(model_config))
 
 
-__all__ = ["ModelConfig", "ModelOutput", "MobileBert", "SequenceClassifier", "SpanExtractor",
+def build_for(model_config: ModelConfig, head: str = "pretraining", num_labels: int = 2,
+              dropout: float = 0.0):
+  """The module of one of `HEADS`: the pretraining model, a classifier or a span extractor."""
+  if head == "classification":
+    return build_classifier(model_config, num_labels, dropout)
+  if head == "question_answering":
+    return build_span_extractor(model_config)
+  if head != "pretraining":
+    raise ValueError(f"unknown head {head!r}; one of {HEADS}")
+  return build(model_config)
+
+
+def example_inputs(model_config: ModelConfig, head: str = "pretraining", batch: int = 1,
+                   seq: int = 8) -> tuple[tuple, dict]:
+  """(args, kwargs) of a call that builds the params of a `head` model (`Module.init`): the
+  shapes of the params do not depend on them."""
+  ids = jnp.zeros((batch, min(seq, model_config.max_position_embeddings)), jnp.int32)
+  if head == "pretraining":
+    return (ids,), {"masked_positions": jnp.zeros((batch, min(2, ids.shape[1])), jnp.int32)}
+  return (ids, jnp.zeros_like(ids), jnp.ones_like(ids)), {}
+
+
+__all__ = ["HEADS", "build_for", "example_inputs", "ModelConfig", "ModelOutput", "MobileBert", "SequenceClassifier", "SpanExtractor",
            "build_classifier", "build_span_extractor", "PRESETS", "build", "from_hf_config",
            "preset", "to_hf_config"]

@@ -262,3 +262,15 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
   return PRESETS[name].replace(**overrides).validate()
+
+
+def table_size_for(model_vocab_size: int | None, tokenizer_size: int) -> int:
+  """The embedding table's size for a tokenizer of `tokenizer_size` tokens: `model.vocab_size`
+  -1 (or None) follows the tokenizer; a larger table (padded for the hardware, or a
+  checkpoint's own) is kept; a smaller one cannot embed every id and is refused."""
+  if model_vocab_size in (-1, None):
+    return int(tokenizer_size)
+  if int(model_vocab_size) < int(tokenizer_size):
+    raise ValueError(f"model.vocab_size = {model_vocab_size} but the tokenizer has "
+                     f"{tokenizer_size} tokens; set model.vocab_size=-1 to follow the tokenizer")
+  return int(model_vocab_size)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from mbert_jax.models import build
 from mbert_jax.models.config import ModelConfig, preset
 
 PARAM_GROUPS = (
@@ -33,7 +34,6 @@ PARAM_GROUPS = (
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Flattened parameter shapes, computed abstractly (no memory is allocated)."""
-  from mbert_jax.models import build
   model = build(cfg)
   ids = jax.ShapeDtypeStruct((1, min(8, cfg.max_position_embeddings)), jnp.int32)
   pos = jax.ShapeDtypeStruct((1, 2), jnp.int32)
@@ -135,8 +135,7 @@ def main(argv=None):
 
   def run(_):
     if FLAGS.config is not None:
-      from mbert_jax.models.config import ModelConfig as MC
-      cfg = MC.from_dict(FLAGS.config.model.to_dict()).validate()
+      cfg = ModelConfig.from_dict(FLAGS.config.model.to_dict()).validate()
       name = FLAGS["config"].value if hasattr(FLAGS["config"], "value") else "config"
       name = "config model"
     elif FLAGS.preset:

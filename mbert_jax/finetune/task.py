@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
-import re
 from typing import Any, Callable
 
 import jax
@@ -41,32 +39,31 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import traverse_util
 
-from mbert_jax import checkpoint as ckpt_lib
-from mbert_jax import optim
-from mbert_jax import sharding
-from mbert_jax import train as train_lib
-from mbert_jax.train import StagePlan
-from mbert_jax.workdir import (CONFIG_FILE, DONE_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR,
-                               is_mbert_workdir, write_json)
+from mbert_jax.training import optim
+from mbert_jax.training import sharding
+from mbert_jax.training import loop
+from mbert_jax.training.task import Setup, StagePlan
+from mbert_jax.training.workdir import (CONFIG_FILE, DONE_FILE, MODEL_CONFIG_FILE, TASK_FILE,
+                                        TOKENIZER_DIR, write_json)
 from mbert_jax.finetune import defaults as ft_defaults
 from mbert_jax.finetune import squad as squad_lib
-from mbert_jax.finetune import tasks as tasks_lib
+from mbert_jax.finetune import glue as tasks_lib
 from mbert_jax.finetune.metrics import glue_metrics, squad_metrics
-from mbert_jax.models import (ModelConfig, build_classifier, build_span_extractor,
-                              from_hf_config, preset)
+from mbert_jax.models import ModelConfig, build_for, example_inputs, preset
+from mbert_jax.models.config import table_size_for
+from mbert_jax.data.tokenizer import (FINETUNE_SPECIAL_TOKENS, load_tokenizer,
+                                      parse_trained_vocab_size, save_tokenizer, train_wordpiece)
+from mbert_jax.interop import model_source
+from mbert_jax.training import config as train_config
 
 __all__ = ["DONE_FILE", "TASK_FILE", "FinetuneTask", "default_config", "validate_config",
-           "finetune_and_evaluate", "train_batch_indices", "load_tokenizer"]
+           "finetune_and_evaluate", "train_batch_indices"]
 
-TASK_FILE = "task.json"
 BACKBONE = ("embeddings", "encoder", "pooler")
 POOLER_CHOICES = ("checkpoint", "tanh", "none")
 # GLUE's submission server wants label names for the NLI tasks and class ids elsewhere.
 _NAMED_LABEL_TASKS = ("mnli", "qnli", "rte", "ax")
-HF_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
-                      "special_tokens_map.json")
 
 
 # ============================================================================ config
@@ -119,42 +116,27 @@ def default_config(kind: str = "glue") -> ml_collections.ConfigDict:
   da.eval_batch_size = 0       # 0 = batch_size
   da.cache_dir = ""            # `datasets` cache for hub downloads; "" = its default
 
-  tr = c.train = ml_collections.ConfigDict()
+  # The loop's section (training/config.py) with fine-tuning's defaults; `steps` > 0 overrides
+  # epochs as the schedule's length; the seed sets head init, dropout and data order.
+  tr = c.train = train_config.train_section(
+      optimizer=str(d["optimizer"]),  # adamw_tf1: TF1 AdamWeightDecayOptimizer
+      weight_decay=float(d["weight_decay"]), clip_norm=float(d["grad_clip_norm"]),
+      b1=float(d["b1"]), b2=float(d["b2"]), eps=float(d["eps"]), eval_every=0,
+      keep_checkpoints=2)
+  del tr["eval_steps"]  # every evaluation reads whole splits
   tr.epochs = float(d["num_epochs"])
-  tr.steps = -1                # > 0 overrides epochs: the schedule's total length
   tr.stop_at_step = -1         # > 0: checkpoint and stop there (the schedule still spans `steps`)
-  tr.optimizer = str(d["optimizer"])  # adamw_tf1: TF1 AdamWeightDecayOptimizer
   tr.learning_rate = float(d["learning_rate"])
   tr.warmup_proportion = float(d["warmup_proportion"])
   tr.warmup_steps = -1         # >= 0 overrides warmup_proportion
-  tr.lr_schedule = "linear"     # linear | polynomial | cosine | constant (optim.make_lr_schedule)
+  tr.lr_schedule = "linear"    # linear | polynomial | cosine | constant (optim.make_lr_schedule)
   tr.end_factor = float(d["end_lr_ratio"])
-  tr.weight_decay = float(d["weight_decay"])
-  tr.clip_norm = float(d["grad_clip_norm"])
-  tr.b1 = float(d["b1"])
-  tr.b2 = float(d["b2"])
-  tr.eps = float(d["eps"])
-  tr.grad_accum_steps = 1
-  tr.log_every = 50
-  tr.eval_every = 0            # 0 = evaluate only at the end
-  tr.checkpoint_every = 1000
-  tr.keep_checkpoints = 2
-  tr.async_checkpoint = True
-  tr.seed = 0                  # head init, dropout and data order; one workdir per seed
-  tr.compute_dtype = "float32"
-  tr.max_nonfinite_steps = 20
-  tr.progress_bar = True
-  tr.compilation_cache_dir = ""
 
   # Architecture for random init only; with init.checkpoint the checkpoint's config is used.
   c.model = ml_collections.ConfigDict(preset("mobilebert").to_dict())
   c.model.vocab_size = -1      # -1: the tokenizer's size
 
-  m = c.mesh = ml_collections.ConfigDict()
-  m.data = -1
-  m.fsdp = 1
-  m.tensor = 1
-  m.logical_axis_rules = ()
+  c.mesh = train_config.mesh_section()
   return c
 
 
@@ -198,52 +180,28 @@ def task_info(config) -> TaskInfo:
 
 
 def optimizer_config(tc, total_steps: int, warmup_steps: int) -> ml_collections.ConfigDict:
-  o = optim.default_optimizer_config()
-  o.name = tc.optimizer
-  o.learning_rate = float(tc.learning_rate)
-  o.b1, o.b2, o.eps = float(tc.b1), float(tc.b2), float(tc.eps)
-  o.weight_decay = float(tc.weight_decay)
-  o.clip_norm = float(tc.clip_norm) if tc.clip_norm else None
-  o.grad_accum_steps = int(tc.grad_accum_steps)
-  o.schedule = tc.lr_schedule
-  o.total_steps = int(total_steps)
-  o.warmup_steps = int(warmup_steps)
-  o.end_factor = float(tc.end_factor)
-  o.power = 1.0
-  return optim.validate_optimizer_config(o)
-
-
-def _looks_like_hub_name(spec: str) -> bool:
-  return (re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", spec) is not None
-          and not spec.startswith((".", "/", "~")) and not spec.endswith((".json", ".txt")))
+  """The one stage's optimizer: `train`'s fields and its learning-rate schedule."""
+  return train_config.optimizer_config(tc, tc.learning_rate, schedule=tc.lr_schedule,
+                                       total_steps=total_steps, warmup_steps=warmup_steps,
+                                       end_factor=tc.end_factor)
 
 
 def validate_config(config) -> TaskInfo:
   """Checks that need no data and no compile; raises ValueError naming the field."""
-  for section in ("finetune", "init", "task", "data", "train", "mesh"):
-    if section not in config:
-      raise ValueError(f"config has no `{section}` section (start from trainer.default_config)")
+  train_config.require_sections(config, ("finetune", "init", "task", "data", "train", "mesh"),
+                                " (start from finetune.task.default_config)")
   info = task_info(config)
   t, d, f = config.train, config.data, config.finetune
   if float(t.epochs) <= 0 and int(t.steps) <= 0:
     raise ValueError(f"train.epochs = {t.epochs} and train.steps = {t.steps}: set a positive "
                      "number of epochs or steps")
-  if int(t.steps) == 0 or int(t.steps) < -1:
-    raise ValueError(f"train.steps = {t.steps}: a positive number of steps, or -1 for epochs")
+  train_config.validate_train_section(t, eval_every_may_be_zero=True)
   if int(t.stop_at_step) == 0 or int(t.stop_at_step) < -1:
     raise ValueError(f"train.stop_at_step = {t.stop_at_step}: a positive step, or -1")
   if not 0.0 <= float(t.warmup_proportion) <= 1.0:
     raise ValueError(f"train.warmup_proportion = {t.warmup_proportion} must lie in [0, 1]")
   if int(t.warmup_steps) < -1:
     raise ValueError(f"train.warmup_steps = {t.warmup_steps}: >= 0, or -1 for warmup_proportion")
-  for name in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps",
-               "grad_accum_steps"):
-    if int(t[name]) < 1:
-      raise ValueError(f"train.{name} = {t[name]} must be >= 1")
-  if int(t.eval_every) < 0:
-    raise ValueError(f"train.eval_every = {t.eval_every}: >= 1, or 0 for the end only")
-  if t.compute_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"train.compute_dtype = {t.compute_dtype!r}: float32 or bfloat16")
   # The optimizer fields are checked with a stand-in schedule length.
   optimizer_config(t, total_steps=max(int(t.steps), 1), warmup_steps=0)
   if int(d.batch_size) < 1 or int(d.eval_batch_size) < 0:
@@ -275,7 +233,7 @@ def validate_config(config) -> TaskInfo:
     if os.path.exists(path) and not os.path.isdir(path):
       raise FileNotFoundError(f"init.checkpoint = {spec!r} is a file; expected an mbert-jax "
                               "workdir or a Hugging Face model directory")
-    if not os.path.exists(path) and not _looks_like_hub_name(spec):
+    if not os.path.exists(path) and not model_source.looks_like_hub_name(spec):
       raise FileNotFoundError(f"init.checkpoint = {spec!r}: no such directory")
   elif "model" not in config:
     raise ValueError("init.checkpoint is empty (random init) but the config has no `model` "
@@ -286,44 +244,35 @@ def validate_config(config) -> TaskInfo:
 
 # ============================================================================ initial model
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class InitSource:
-  kind: str                    # mbert | hf | random
-  path: str | None
-  model_config: ModelConfig | None
-  tokenizer_dir: str | None
+  """The initial model: a checkpoint `model_source.locate` found, or None for random init."""
+  checkpoint: model_source.ModelSource | None
 
+  @property
+  def kind(self) -> str:
+    """'mbert' (a run), 'hf', 'sentence-transformers' (`model_source` kinds) or 'random'."""
+    return self.checkpoint.kind if self.checkpoint else "random"
 
-def _download_hub_model(name: str) -> str:
-  from huggingface_hub import snapshot_download
-  try:
-    return snapshot_download(name, allow_patterns=[
-        "config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin",
-        "pytorch_model.bin.index.json", *HF_TOKENIZER_FILES])
-  except Exception as e:  # offline, unknown repo, gated model: all end the same way here
-    raise FileNotFoundError(f"init.checkpoint = {name!r} is not a local directory, and "
-                            f"downloading it from the Hugging Face hub failed ({e})") from e
+  @property
+  def path(self) -> str | None:
+    return self.checkpoint.path if self.checkpoint else None
+
+  @property
+  def model_config(self) -> ModelConfig | None:
+    return self.checkpoint.model_config if self.checkpoint else None
+
+  @property
+  def tokenizer_dir(self) -> str | None:
+    return self.checkpoint.tokenizer_dir if self.checkpoint else None
 
 
 def resolve_init(init_cfg) -> InitSource:
+  """`init.checkpoint`: an mbert-jax run, a Hugging Face directory or hub name, or "" (random)."""
   spec = str(init_cfg.checkpoint)
   if not spec:
-    return InitSource("random", None, None, None)
-  path = os.path.expanduser(spec)
-  if not os.path.isdir(path):
-    path = _download_hub_model(spec)
-  if is_mbert_workdir(path):
-    with open(os.path.join(path, "model_config.json")) as f:
-      cfg = ModelConfig.from_dict(json.load(f))
-    tok = os.path.join(path, "tokenizer")
-    return InitSource("mbert", path, cfg, tok if os.path.isdir(tok) else None)
-  if os.path.isfile(os.path.join(path, "config.json")):
-    with open(os.path.join(path, "config.json")) as f:
-      cfg = from_hf_config(json.load(f))
-    has_tok = any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "vocab.txt"))
-    return InitSource("hf", path, cfg, path if has_tok else None)
-  raise FileNotFoundError(f"init.checkpoint = {spec!r} holds neither an mbert-jax run "
-                          "(model_config.json) nor a Hugging Face model (config.json)")
+    return InitSource(None)
+  return InitSource(model_source.locate(spec, setting="init.checkpoint", allow_hub=True))
 
 
 def finetune_model_config(source: InitSource, config, vocab_size: int) -> ModelConfig:
@@ -335,11 +284,7 @@ def finetune_model_config(source: InitSource, config, vocab_size: int) -> ModelC
                        f"only {cfg.vocab_size}: use the checkpoint's own vocabulary (data.vocab)")
   else:
     d = dict(config.model.to_dict())
-    if d.get("vocab_size", -1) in (-1, None):
-      d["vocab_size"] = vocab_size
-    elif d["vocab_size"] < vocab_size:
-      raise ValueError(f"model.vocab_size = {d['vocab_size']} but the tokenizer has {vocab_size} "
-                       "tokens; set model.vocab_size=-1 to follow the tokenizer")
+    d["vocab_size"] = table_size_for(d.get("vocab_size", -1), vocab_size)
     cfg = ModelConfig.from_dict(d)
   pooler = config.finetune.pooler
   if pooler != "checkpoint":
@@ -361,24 +306,20 @@ def check_model_early(source: InitSource, config) -> None:
 
 
 def build_model(info: TaskInfo, cfg: ModelConfig, dropout: float):
-  if info.kind == "squad":
-    return build_span_extractor(cfg)
-  return build_classifier(cfg, info.num_labels, dropout)
+  head = "question_answering" if info.kind == "squad" else "classification"
+  return build_for(cfg, head, info.num_labels, dropout)
 
 
-def _dummy_inputs():
-  ids = jnp.zeros((1, 8), jnp.int32)
-  return ids, jnp.zeros_like(ids), jnp.ones_like(ids)
-
-
-def abstract_params(model, mesh, rules):
+def abstract_params(model, cfg: ModelConfig, mesh, rules):
   """(unboxed ShapeDtypeStructs, NamedShardings) of the fine-tuning model, nothing allocated."""
-  _, unboxed, shardings = sharding.abstract_model_params(model, _dummy_inputs(), mesh, rules)
+  _, unboxed, shardings = sharding.abstract_params(
+      model, example_inputs(cfg, "classification"), mesh, rules)
   return unboxed, shardings
 
 
-def init_params(model, key, shardings):
-  return sharding.init_model_params(model, _dummy_inputs(), key, shardings)
+def init_params_of(model, cfg: ModelConfig, key, shardings):
+  args, kwargs = example_inputs(cfg, "classification")
+  return sharding.init_model_params(model, args, key, shardings, **kwargs)
 
 
 def load_backbone(source: InitSource, init_cfg, abs_params, shardings) -> dict[str, Any]:
@@ -387,65 +328,35 @@ def load_backbone(source: InitSource, init_cfg, abs_params, shardings) -> dict[s
   Only the parts both models have are read: a pooler the fine-tuning model lacks is skipped,
   one the checkpoint lacks stays fresh.
   """
-  wanted = [k for k in BACKBONE if k in abs_params]
-  if source.kind == "mbert":
-    src_cfg = source.model_config
-    src_parts = {"embeddings", "encoder"} | ({"pooler"} if src_cfg.classifier_activation else set())
-    parts = [k for k in wanted if k in src_parts]
-    target = {k: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abs_params[k], shardings[k]) for k in parts}
-    step = None if int(init_cfg.step) < 0 else int(init_cfg.step)
-    try:
-      params, at = ckpt_lib.restore_params_only(os.path.join(source.path, "checkpoints"), target,
-                                                step)
-    except ValueError as e:
-      raise ValueError(f"init.checkpoint = {source.path}: cannot restore its backbone ({e})") from e
-    logging.info("init: %s step %d (%s)", source.path, at, ", ".join(parts))
-    return dict(params)
-  from mbert_jax import hf
-  _, np_params = hf.load(source.path)
-  out = {}
-  for k in wanted:
-    if k not in np_params:
-      continue
-    flat_src = traverse_util.flatten_dict(np_params[k], sep="/")
-    flat_abs = traverse_util.flatten_dict(abs_params[k], sep="/")
-    if set(flat_src) != set(flat_abs):
-      raise ValueError(f"init.checkpoint = {source.path}: `{k}` parameters differ from the "
-                       f"model's: {sorted(set(flat_src) ^ set(flat_abs))[:6]}")
-    for p, a in flat_abs.items():
-      if tuple(flat_src[p].shape) != tuple(a.shape):
-        raise ValueError(f"init.checkpoint = {source.path}: {k}/{p} has shape "
-                         f"{tuple(flat_src[p].shape)}, the model needs {tuple(a.shape)}")
-    out[k] = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a, np.float32), s),
-                          np_params[k], shardings[k])
-  return out
+  has = {"embeddings", "encoder"} | (
+      {"pooler"} if source.model_config.classifier_activation else set())
+  parts = [k for k in BACKBONE if k in abs_params and k in has]
+  target = {k: sharding.with_shardings(abs_params[k], shardings[k]) for k in parts}
+  step = None if int(init_cfg.step) < 0 else int(init_cfg.step)
+  loaded = model_source.load(source.checkpoint, target, step=step)
+  at = "" if loaded.step is None else f" step {loaded.step}"
+  logging.info("init: %s%s (%s)", source.path, at, ", ".join(parts))
+  return dict(loaded.params)
 
 
 # ============================================================================ tokenizer
 
-def load_tokenizer(spec: str, lower_case: bool | None = True):
-  """A `tokenizers.Tokenizer` from a vocab.txt, a tokenizer.json or a directory with either:
-  the data module's one loader, asking only for the specials fine-tuning uses (no [MASK])."""
-  from mbert_jax.data.tokenizer import FINETUNE_SPECIAL_TOKENS
-  from mbert_jax.data.tokenizer import load_tokenizer as load_wordpiece
-  return load_wordpiece(spec, lower_case=lower_case, require=FINETUNE_SPECIAL_TOKENS)
-
-
 def resolve_tokenizer(config, source: InitSource, workdir: str, texts: Callable[[], list[str]]):
   """Explicit data.vocab > the run's own saved tokenizer (resume) > checkpoint's > trained."""
   spec = str(config.data.vocab)
-  saved = os.path.join(workdir, "tokenizer")
+  saved = os.path.join(workdir, TOKENIZER_DIR)
+  # Fine-tuning never masks: a vocabulary without [MASK] will do.
+  load = functools.partial(load_tokenizer, lower_case=bool(config.data.lower_case),
+                           require=FINETUNE_SPECIAL_TOKENS)
   if spec and not spec.startswith("train:"):
-    return load_tokenizer(spec, bool(config.data.lower_case))
+    return load(spec)
   if os.path.isdir(saved):  # a resumed run keeps the vocabulary it started with
-    return load_tokenizer(saved, bool(config.data.lower_case))
+    return load(saved)
   if not spec and source.tokenizer_dir:
-    return load_tokenizer(source.tokenizer_dir, bool(config.data.lower_case))
+    return load(source.tokenizer_dir)
   if not spec and source.kind != "random":
-    raise FileNotFoundError(f"init.checkpoint = {source.path} has no tokenizer (tokenizer/, "
+    raise FileNotFoundError(f"init.checkpoint = {source.path} has no tokenizer ({TOKENIZER_DIR}/, "
                             "tokenizer.json or vocab.txt): set data.vocab")
-  from mbert_jax.data.tokenizer import parse_trained_vocab_size, train_wordpiece
   size = parse_trained_vocab_size(spec) if spec else int(config.data.train_vocab_size)
   corpus = texts()
   logging.info("training a %d-token WordPiece vocabulary on %d training texts", size, len(corpus))
@@ -464,7 +375,7 @@ def _data_source(config, info: TaskInfo) -> str | None:
   if os.path.exists(path):
     raise FileNotFoundError(f"task.data = {spec!r} is a file; give the directory holding the "
                             "split files (train and dev/validation)")
-  if _looks_like_hub_name(spec):
+  if model_source.looks_like_hub_name(spec):
     return spec
   raise FileNotFoundError(f"task.data = {spec!r}: no such directory")
 
@@ -702,45 +613,42 @@ def param_counts(abs_params) -> dict[str, int]:
   return counts
 
 
-# Fields whose change leaves the checkpoints valid: cadence, where to stop, placement.
-_RESUMABLE = {"train": ("stop_at_step", "log_every", "eval_every", "checkpoint_every",
-                        "keep_checkpoints", "async_checkpoint", "progress_bar",
-                        "compilation_cache_dir", "max_nonfinite_steps", "compute_dtype"),
-              "data": ("cache_dir", "eval_batch_size"),
+STOP_FIELD = "train.stop_at_step"
+# Fields besides the loop's (training/config.py) whose change leaves the checkpoints valid.
+_RESUMABLE = {"data": ("cache_dir", "eval_batch_size"),
               "task": ("eval_splits", "max_eval_examples")}
 
 
 def run_identity(config) -> dict[str, Any]:
-  c = config.to_dict()
-  ident = {"kind": "finetune"}
-  for section in ("finetune", "init", "task", "data", "train"):
-    ident[section] = {k: v for k, v in c[section].items() if k not in _RESUMABLE.get(section, ())}
+  """What this run's checkpoints depend on (see `workdir.claim`)."""
+  ident = {"kind": "finetune", **train_config.identity_sections(
+      config, ("finetune", "init", "task", "data", "train"), STOP_FIELD, _RESUMABLE)}
   if not config.init.checkpoint:
-    ident["model"] = c["model"]
+    ident["model"] = config.model.to_dict()
   return ident
 
 
 class FinetuneTask:
-  """GLUE classification / STS-B regression / SQuAD span extraction for `mbert_jax.train.run`."""
+  """GLUE classification / STS-B regression / SQuAD span extraction for
+  `mbert_jax.training.loop.run`."""
 
-  stop_field = "train.stop_at_step"
+  stop_field = STOP_FIELD
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.info = validate_config(config)
-    self.last_eval: dict[str, float] = {}
 
   def identity(self) -> dict[str, Any]:
     return run_identity(self.config)
 
-  # ---- inputs: initial model, data, tokenizer (all errors surface here, before any compile)
-  def prepare(self, workdir: str) -> None:
+  def setup(self, workdir: str, mesh, rules) -> Setup:
+    """Reads the initial model, the task's data and the tokenizer (every input error surfaces
+    here, before any compile) and builds the one fine-tuning stage."""
     config, info, tc = self.config, self.info, self.config.train
-    self.workdir = workdir
-    self.batch_size = int(config.data.batch_size)
-    self.eval_batch = int(config.data.eval_batch_size) or self.batch_size
-    self.source = resolve_init(config.init)
-    check_model_early(self.source, config)
+    batch_size = int(config.data.batch_size)
+    eval_batch = int(config.data.eval_batch_size) or batch_size
+    source = resolve_init(config.init)
+    check_model_early(source, config)
     train_examples = load_split(config, info, config.task.train_split,
                                 int(config.task.max_train_examples))
     eval_examples = {s: load_split(config, info, s, int(config.task.max_eval_examples))
@@ -751,123 +659,89 @@ class FinetuneTask:
         return list(dict.fromkeys(train_examples["context"])) + list(train_examples["question"])
       return [t for field in info.glue.text_fields for t in train_examples[field]]
 
-    self.tokenizer = resolve_tokenizer(config, self.source, workdir, corpus)
-    vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
-    self.m_cfg = finetune_model_config(self.source, config, vocab_size)
-    self.model = build_model(info, self.m_cfg, float(config.finetune.classifier_dropout))
-    self.train_split = featurize(config, info, self.tokenizer, config.task.train_split,
-                                 train_examples, True)
-    self.eval_splits = [featurize(config, info, self.tokenizer, s, ex, False)
-                        for s, ex in eval_examples.items()]
-    self.total = _total_steps(tc, len(self.train_split), self.batch_size)
-    self.warmup = (int(tc.warmup_steps) if int(tc.warmup_steps) >= 0
-                   else int(self.total * float(tc.warmup_proportion)))
-    self.stop = self.total if int(tc.stop_at_step) < 0 else min(int(tc.stop_at_step), self.total)
-    self.opt_cfg = optimizer_config(tc, self.total, self.warmup)
-    self.train_keys = tuple(self.train_split.arrays)
+    tokenizer = resolve_tokenizer(config, source, workdir, corpus)
+    m_cfg = finetune_model_config(source, config, tokenizer.get_vocab_size(with_added_tokens=True))
+    model = build_model(info, m_cfg, float(config.finetune.classifier_dropout))
+    train_split = featurize(config, info, tokenizer, config.task.train_split, train_examples, True)
+    eval_splits = [featurize(config, info, tokenizer, s, ex, False)
+                   for s, ex in eval_examples.items()]
+    total = _total_steps(tc, len(train_split), batch_size)
+    warmup = (int(tc.warmup_steps) if int(tc.warmup_steps) >= 0
+              else int(total * float(tc.warmup_proportion)))
+    stop = total if int(tc.stop_at_step) < 0 else min(int(tc.stop_at_step), total)
+    opt_cfg = optimizer_config(tc, total, warmup)
 
-  def files(self) -> dict[str, Any]:
-    info = self.info
-    return {CONFIG_FILE: self.config.to_dict(), MODEL_CONFIG_FILE: self.m_cfg.to_dict(),
-            TASK_FILE: {
-                "kind": info.kind, "task": info.name, "num_labels": info.num_labels,
-                "label_names": list(info.glue.label_names or ()) if info.glue else None,
-                "squad_version": info.squad_version,
-                "max_seq_length": int(self.config.data.max_seq_length),
-                "pooler": self.m_cfg.classifier_activation, "init": self.source.path}}
-
-  def save_side_files(self, workdir: str) -> None:
-    if not os.path.isdir(os.path.join(workdir, TOKENIZER_DIR)):
-      from mbert_jax.data.tokenizer import save_tokenizer
-      save_tokenizer(self.tokenizer, os.path.join(workdir, TOKENIZER_DIR))
-
-  def total_steps(self) -> int:
-    return self.total
-
-  def stop_step(self) -> int:
-    return self.stop
-
-  def global_batch_size(self) -> int:
-    return self.batch_size
-
-  # ---- model and state
-  def build(self, mesh, rules) -> None:
-    self.mesh = mesh
-    sharding.check_batch_divisible(self.batch_size, mesh, int(self.config.train.grad_accum_steps))
-    sharding.check_batch_divisible(self.eval_batch, mesh)
-    self.abs_params, self.p_shardings = abstract_params(self.model, mesh, rules)
-    self.tx = optim.build_optimizer(self.opt_cfg, self.abs_params)
-    self.lr_fn = optim.lr_schedule_from_config(self.opt_cfg)
+    sharding.check_batch_divisible(batch_size, mesh, int(tc.grad_accum_steps))
+    sharding.check_batch_divisible(eval_batch, mesh)
+    abs_params, p_shardings = abstract_params(model, m_cfg, mesh, rules)
+    lr_fn = optim.lr_schedule_from_config(opt_cfg)
     eval_sh = {k: sharding.batch_sharding(mesh, 2) for k in ("input_ids", "token_type_ids",
                                                               "attention_mask")}
-    self.predict_fn = jax.jit(make_predict(self.model, self.info),
-                              in_shardings=(self.p_shardings, eval_sh),
-                              out_shardings=sharding.replicated(mesh))
+    predict_fn = jax.jit(make_predict(model, info), in_shardings=(p_shardings, eval_sh),
+                         out_shardings=sharding.replicated(mesh))
+    plan = StagePlan(
+        name="finetune", steps=total, tx=optim.build_optimizer(opt_cfg, abs_params),
+        loss=make_loss(model, info), learning_rate=lambda s: float(lr_fn(s)),
+        banner=(f"fine-tuning {info.name} ({info.kind}): {len(train_split)} training rows, "
+                f"{total} steps (warm-up {warmup}), batch {batch_size}, init "
+                f"{source.path or 'random'}, seed {int(tc.seed)}"))
 
-  def abstract_params(self):
-    return self.abs_params, self.p_shardings
+    def init_params():
+      init_key = jax.random.split(jax.random.key(int(tc.seed)))[0]
+      params = init_params_of(model, m_cfg, init_key, p_shardings)
+      if source.kind != "random":
+        params = {**params, **load_backbone(source, config.init, abs_params, p_shardings)}
+      return params
 
-  def init_params(self):
-    init_key = jax.random.split(jax.random.key(int(self.config.train.seed)))[0]
-    params = init_params(self.model, init_key, self.p_shardings)
-    if self.source.kind != "random":
-      params = {**params, **load_backbone(self.source, self.config.init, self.abs_params,
-                                          self.p_shardings)}
-    return params
+    train_keys = tuple(train_split.arrays)
 
-  # ---- the one stage
-  def stage_index(self, step: int) -> tuple[int, int, int]:
-    return 0, 0, step
+    def batch_at(step: int) -> dict[str, np.ndarray]:
+      rows = _local_rows(train_batch_indices(step, batch_size, len(train_split), int(tc.seed)))
+      return {k: train_split.arrays[k][rows] for k in train_keys}
 
-  def stage(self, index: int) -> StagePlan:
-    del index
-    return StagePlan(
-        name="finetune", steps=self.total, tx=self.tx, loss=make_loss(self.model, self.info),
-        learning_rate=lambda s: float(self.lr_fn(s)),
-        banner=(f"fine-tuning {self.info.name} ({self.info.kind}): {len(self.train_split)} "
-                f"training rows, {self.total} steps (warm-up {self.warmup}), batch "
-                f"{self.batch_size}, init {self.source.path or 'random'}, seed "
-                f"{int(self.config.train.seed)}"))
+    last_eval: dict[str, float] = {}
 
-  def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    rows = _local_rows(train_batch_indices(step, self.batch_size, len(self.train_split),
-                                           int(self.config.train.seed)))
-    return {k: self.train_split.arrays[k][rows] for k in self.train_keys}
+    def evaluate(params, step: int, final: bool) -> dict[str, float]:
+      result = {}
+      for split in eval_splits:
+        out = predict_split(predict_fn, params, split, eval_batch, mesh)
+        if info.kind == "squad":
+          metrics, decoded = score_squad(config, info, split, out)
+        else:
+          metrics, decoded = score_glue(info, split, out["logits"]), None
+        for k, v in metrics.items():
+          result[f"eval/{split.name}/{k}"] = float(v)
+        if final:
+          write_predictions(workdir, info, split, out, decoded)
+      headline = f"eval/{info.eval_splits[0]}/{info.main_metric}" if info.eval_splits else None
+      if headline in result:
+        result["eval/score"] = result[headline]
+      last_eval.clear()
+      last_eval.update(result)
+      return result
 
-  def checkpoint_meta(self, step: int) -> dict[str, Any]:
-    return {"step": int(step), "task": self.info.name, "seed": int(self.config.train.seed),
-            "total_steps": self.total, "train_rows": len(self.train_split),
-            "batch_size": self.batch_size}
+    def write_side_files(w: str) -> None:
+      if not os.path.isdir(os.path.join(w, TOKENIZER_DIR)):
+        save_tokenizer(tokenizer, os.path.join(w, TOKENIZER_DIR))
 
-  # ---- evaluation and report
-  def eval_due(self, step: int) -> bool:
-    every = int(self.config.train.eval_every)
-    return bool(every) and step % every == 0
+    def report() -> dict[str, Any]:
+      return {"task": info.name, "kind": info.kind, "squad_version": info.squad_version,
+              "seed": int(tc.seed), "init": source.path or "random",
+              "score": last_eval.get("eval/score"), "main_metric": info.main_metric,
+              "params": param_counts(abs_params)}
 
-  def evaluate(self, params, step: int, final: bool) -> dict[str, float]:
-    info, result = self.info, {}
-    for split in self.eval_splits:
-      out = predict_split(self.predict_fn, params, split, self.eval_batch, self.mesh)
-      if info.kind == "squad":
-        metrics, decoded = score_squad(self.config, info, split, out)
-      else:
-        metrics, decoded = score_glue(info, split, out["logits"]), None
-      for k, v in metrics.items():
-        result[f"eval/{split.name}/{k}"] = float(v)
-      if final:
-        write_predictions(self.workdir, info, split, out, decoded)
-    headline = f"eval/{info.eval_splits[0]}/{info.main_metric}" if info.eval_splits else None
-    if headline in result:
-      result["eval/score"] = result[headline]
-    self.last_eval = result
-    return result
-
-  def report(self) -> dict[str, Any]:
-    info = self.info
-    return {"task": info.name, "kind": info.kind, "squad_version": info.squad_version,
-            "seed": int(self.config.train.seed), "init": self.source.path or "random",
-            "score": self.last_eval.get("eval/score"), "main_metric": info.main_metric,
-            "params": param_counts(self.abs_params)}
+    task_file = {"kind": info.kind, "task": info.name, "num_labels": info.num_labels,
+                 "label_names": list(info.glue.label_names or ()) if info.glue else None,
+                 "squad_version": info.squad_version,
+                 "max_seq_length": int(config.data.max_seq_length),
+                 "pooler": m_cfg.classifier_activation, "init": source.path}
+    return Setup(
+        stages=(plan,), abstract_params=abs_params, param_shardings=p_shardings,
+        init_params=init_params, batch_at=batch_at, evaluate=evaluate,
+        global_batch_size=batch_size, total_steps=total, stop_step=stop,
+        files={CONFIG_FILE: config.to_dict(), MODEL_CONFIG_FILE: m_cfg.to_dict(),
+               TASK_FILE: task_file},
+        write_side_files=write_side_files, report=report)
 
 
 def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -877,4 +751,4 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   init, eval (`eval/<split>/<metric>` and `eval/score`, the task's headline number), score,
   main_metric, wall_seconds, params.
   """
-  return train_lib.run(FinetuneTask(config), workdir)
+  return loop.run(FinetuneTask(config), workdir)

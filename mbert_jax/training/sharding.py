@@ -45,14 +45,16 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   """Sizes of (data, fsdp, tensor); at most one may be -1, meaning the rest of the devices."""
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   if sum(s == -1 for s in sizes) > 1:
-    raise ValueError(f"mesh: at most one of {MESH_AXES} may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise ValueError(f"mesh: at most one of {MESH_AXES} may be -1, "
+                     f"got {dict(zip(MESH_AXES, sizes))}")
   for a, s in zip(MESH_AXES, sizes):
     if s == 0 or s < -1:
       raise ValueError(f"mesh.{a} = {s}: sizes are positive or -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"mesh: {num_devices} devices do not divide by the fixed axes' product {known}")
+      raise ValueError(f"mesh: {num_devices} devices do not divide by the fixed axes' "
+                       f"product {known}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
@@ -70,10 +72,13 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def rules_from_config(mesh_cfg) -> tuple[tuple[str, Any], ...]:
+  """`mesh.logical_axis_rules` first (flax takes the first matching rule), then the defaults."""
   extra = mesh_cfg.get("logical_axis_rules", None) if hasattr(mesh_cfg, "get") else None
   if not extra:
     return DEFAULT_RULES
-  return tuple((str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in extra) + DEFAULT_RULES
+  extra_rules = tuple((str(k), tuple(v) if isinstance(v, (list, tuple)) else v)
+                      for k, v in extra)
+  return extra_rules + DEFAULT_RULES
 
 
 def _axis_size(mesh: Mesh, axes) -> int:
@@ -93,11 +98,6 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, name: str = "") -> P:
       axes = None
     fitted.append(axes)
   return P(*fitted)
-
-
-def logical_specs(boxed_tree) -> Any:
-  """Logical PartitionSpecs of a tree of flax-boxed (LogicallyPartitioned) leaves."""
-  return nn.get_partition_spec(boxed_tree)
 
 
 def tree_shardings(logical_spec_tree, abstract_tree, mesh: Mesh, rules) -> Any:
@@ -165,8 +165,8 @@ def follow_params(abstract_tree, param_shardings, abstract_params, mesh: Mesh) -
 
 # ---------------------------------------------------------------------------- model params
 
-def abstract_model_params(model: nn.Module, init_args: Sequence[Any], mesh: Mesh, rules,
-                          **init_kwargs):
+def _abstract_model_params(model: nn.Module, init_args: Sequence[Any], mesh: Mesh, rules,
+                           **init_kwargs):
   """(boxed abstract tree, unboxed ShapeDtypeStructs, NamedShardings), nothing allocated."""
   boxed = jax.eval_shape(lambda k: model.init(k, *init_args, **init_kwargs)["params"],
                          jax.random.key(0))
@@ -181,26 +181,19 @@ def init_model_params(model: nn.Module, init_args: Sequence[Any], key, shardings
   return init(key)
 
 
-def pretraining_init_args(cfg, batch: int = 1, seq: int = 8):
-  """Dummy (input_ids,) and masked positions for building a pretraining model's params."""
-  import jax.numpy as jnp
-  seq = min(seq, cfg.max_position_embeddings)
-  return (jnp.zeros((batch, seq), jnp.int32),), {"masked_positions": jnp.zeros((batch, min(2, seq)), jnp.int32)}
+def abstract_params(model: nn.Module, inputs: tuple[Sequence[Any], dict], mesh: Mesh, rules):
+  """(boxed, unboxed, shardings) of `model`'s params for `Module.init(*args, **kwargs)` inputs
+  (`models.example_inputs`), nothing allocated."""
+  args, kwargs = inputs
+  return _abstract_model_params(model, args, mesh, rules, **kwargs)
 
 
-def abstract_params(cfg, mesh: Mesh, rules):
-  """Abstract params of the pretraining model (`models.build(cfg)`): boxed, unboxed, shardings."""
-  from mbert_jax.models import build
-  args, kwargs = pretraining_init_args(cfg)
-  return abstract_model_params(build(cfg), args, mesh, rules, **kwargs)
-
-
-def init_params(cfg, seed: int, mesh: Mesh, rules):
-  """Sharded fresh params of the pretraining model, and their shardings."""
-  from mbert_jax.models import build
-  args, kwargs = pretraining_init_args(cfg)
-  _, _, shardings = abstract_params(cfg, mesh, rules)
-  return init_model_params(build(cfg), args, jax.random.key(seed), shardings, **kwargs), shardings
+def init_params(model: nn.Module, inputs: tuple[Sequence[Any], dict], seed: int, mesh: Mesh,
+                rules):
+  """Sharded fresh params of `model`, and their shardings."""
+  args, kwargs = inputs
+  _, _, shardings = _abstract_model_params(model, args, mesh, rules, **kwargs)
+  return init_model_params(model, args, jax.random.key(seed), shardings, **kwargs), shardings
 
 
 def place_tree(tree, shardings):

@@ -1,7 +1,7 @@
 """ONNX export of MobileBERT students (pretraining, classification, question answering), int8.
 
-Route: the parameters go through the Hugging Face export (`mbert_jax.hf`, checked against the
-Flax model to 1e-5), the `transformers` PyTorch model is traced by `torch.onnx.export`'s
+Route: the parameters go through the Hugging Face export (`mbert_jax.interop.hf_export`, checked
+against the Flax model to 1e-5), the `transformers` PyTorch model is traced by `torch.onnx.export`'s
 dynamo exporter (onnxscript) into one `.onnx` file with symbolic `batch` and `sequence` axes,
 and ONNX Runtime's dynamic quantizer makes the int8 model. Why not jax2onnx on the Flax model:
 it pins orbax-checkpoint below the version this project trains and checkpoints with, and
@@ -28,10 +28,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mbert_jax.interop import hf_export
+from mbert_jax.interop.export_files import IO_FILE, ONNX_FILE
 from mbert_jax.models import ModelConfig
 
-ONNX_FILE = "model.onnx"
-IO_FILE = "onnx_io.json"
 OPSET = 18
 INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 HEADS = ("pretraining", "classification", "question_answering")
@@ -60,12 +60,11 @@ def require_onnx_tools() -> None:
 # ---------------------------------------------------------------------------- torch model
 def _hf_directory(cfg: ModelConfig, params: Any, head: str, label_names: Sequence[str] | None,
                   out: str) -> str:
-  from mbert_jax import hf
   try:
     if head == "pretraining":
-      hf.save(cfg, params, out)
+      hf_export.save(cfg, params, out)
     else:
-      hf.save_task(cfg, params, out, head=head, label_names=label_names)
+      hf_export.save_task(cfg, params, out, head=head, label_names=label_names)
   except ValueError as e:
     if "cannot represent" in str(e):
       raise ValueError(f"ONNX export goes through the Hugging Face model, and {e}") from e
@@ -78,10 +77,9 @@ def torch_model(cfg: ModelConfig, params: Any, head: str,
   """The `transformers` model of `head` holding `params`, in eval mode, eager attention."""
   import transformers
 
-  from mbert_jax import hf
   with tempfile.TemporaryDirectory() as tmp:
     path = _hf_directory(cfg, params, head, label_names, tmp)
-    cls = getattr(transformers, hf.ARCHITECTURES[head])
+    cls = getattr(transformers, hf_export.ARCHITECTURES[head])
     model = cls.from_pretrained(path, attn_implementation="eager")
   return model.eval()
 
@@ -143,7 +141,8 @@ def trace_to_onnx(model, head: str, cfg: ModelConfig, path: str) -> None:
 def op_inventory(model_or_path: Any) -> collections.Counter:
   """Op type -> count over the graph and every subgraph."""
   import onnx
-  model = onnx.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+  model = (onnx.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike))
+           else model_or_path)
   counts: collections.Counter = collections.Counter()
 
   def walk(graph):
@@ -163,7 +162,8 @@ def float_dense_layers(model_or_path: Any) -> list[str]:
   """MatMul / Gemm / Einsum nodes multiplying by a stored 2-D weight, i.e. dense layers that
   still run in float (the attention products multiply two activations and are not listed)."""
   import onnx
-  model = onnx.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+  model = (onnx.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike))
+           else model_or_path)
   weights = {t.name for t in model.graph.initializer if len(t.dims) == 2}
   weights |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
   return [n.name or n.output[0] for n in model.graph.node

@@ -10,11 +10,14 @@ import json
 import os
 from typing import Any
 
+from mbert_jax.errors import WorkdirMismatchError
+
 DONE_FILE = "final.json"          # written once, when a run has reached its last step
 CONFIG_FILE = "config.json"       # the resolved config of the run
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
+TASK_FILE = "task.json"           # fine-tuning runs: task kind, labels, sequence length, init
 
 
 def _is_main_process() -> bool:
@@ -100,7 +103,6 @@ def claim(workdir: str, identity: dict[str, Any]) -> None:
   with the differing fields; nothing in it is moved or overwritten. A workdir without
   checkpoints has nothing to protect and is (re)claimed.
   """
-  from mbert_jax.errors import WorkdirMismatchError
   path = os.path.join(workdir, IDENTITY_FILE)
   if has_checkpoints(workdir):
     if not os.path.exists(path):

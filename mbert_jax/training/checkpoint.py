@@ -1,9 +1,13 @@
 """Checkpoints with orbax `CheckpointManager`: train state + JSON metadata per step.
 
-A checkpoint holds step, params, optimizer state and RNG (the `state` item) and the data and
-schedule positions (the `meta` item). The teacher is never saved: it is reloaded from the
-config's path. A latest checkpoint that fails to restore (truncated, half-written, corrupt) is
-skipped with a warning in favour of the previous good one.
+A checkpoint holds the train state (the `state` item: step, params, optimizer state, the
+non-finite counters) and a small JSON `meta` item: `stage_index`, the stage whose optimizer
+state it holds (the loop builds the restore target from that stage's optimizer), and `step`,
+so that the meta read alone says which step it belongs to. Everything else about a position
+(the stage's name, the step within it) follows from the step and the schedule, which the
+workdir's identity pins. The teacher is never saved: it is reloaded from the config's path. A
+latest checkpoint that fails to restore (truncated, half-written, corrupt) is skipped with a
+warning in favour of the previous good one.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from mbert_jax.errors import WorkdirMismatchError
 
 
 class Checkpointer:
@@ -37,10 +43,6 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     self.manager.reload()
     return sorted(self.manager.all_steps())
-
-  def latest_step(self) -> int | None:
-    steps = self.all_steps()
-    return steps[-1] if steps else None
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     self.manager.save(step, args=ocp.args.Composite(
@@ -66,7 +68,8 @@ class Checkpointer:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {_path_name(p): (tuple(m.shape), str(m.dtype)) for p, m in flat}
 
-  def restore_latest_good(self, abstract_state_for_meta) -> tuple[int, Any, dict[str, Any]] | None:
+  def restore_latest_good(self, abstract_state_for_meta
+                          ) -> tuple[int, Any, dict[str, Any]] | None:
     """Newest checkpoint that restores; `abstract_state_for_meta(meta)` gives its target tree.
 
     Returns None when there is no usable checkpoint at all. A checkpoint that cannot be read
@@ -132,7 +135,6 @@ def _path_name(path) -> str:
 
 def _check_same_layout(target: Any, stored: dict[str, tuple[tuple[int, ...], str]], step: int,
                        directory: str) -> None:
-  from mbert_jax.errors import WorkdirMismatchError
   flat, _ = jax.tree_util.tree_flatten_with_path(target)
   want = {_path_name(p): (tuple(a.shape), str(a.dtype)) for p, a in flat}
   diffs = [f"{k}: stored {stored.get(k, ('absent',))[0]}, expected {want.get(k, ('absent',))[0]}"
@@ -152,32 +154,44 @@ def _check_same_structure(expected: Any, got: Any, step: int) -> None:
     raise ValueError(f"checkpoint {step}: tree structure differs from the model's")
   for a, b in zip(e_leaves, g_leaves):
     if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
-      raise ValueError(f"checkpoint {step}: leaf {a.shape}/{a.dtype} restored as {b.shape}/{b.dtype}")
+      raise ValueError(f"checkpoint {step}: leaf {a.shape}/{a.dtype} restored as "
+                       f"{b.shape}/{b.dtype}")
 
 
-def restore_params_only(directory: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
-  """Loads just the params of an mbert-jax run (used for teachers); newest good step."""
-  mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"),
-                               options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  steps = sorted(mngr.all_steps())
-  if not steps:
+def restore_params_only(directory: str, abstract_params: Any, step: int | None = None
+                        ) -> tuple[Any, int]:
+  """Loads just the params of an mbert-jax run (teachers, fine-tuning inits, export); the
+  newest step that restores, or `step`.
+
+  Reads the `state` item of a step directory with a plain checkpointer, not a
+  `CheckpointManager`: a manager opened read-only logs a warning ("Given directory is read
+  only") that a user can do nothing about, and a writable one may write its own metadata into
+  a directory this run does not own.
+  """
+  directory = os.path.abspath(directory)
+  name_format = ocp.step.standard_name_format()  # CheckpointManager's layout: <dir>/<step>/
+  found = {m.step: m.path for m in name_format.find_all(directory)}  # finalized steps only
+  if not found:
     raise FileNotFoundError(f"no checkpoint under {directory}")
-  candidates = [step] if step is not None else list(reversed(steps))
+  candidates = [step] if step is not None else sorted(found, reverse=True)
+  item = {"params": abstract_params}
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype),
+                              item)
   last_err = None
-  for s in candidates:
-    try:
-      restored = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item={"params": abstract_params},
-          restore_args=jax.tree.map(
-              lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), {"params": abstract_params}),
-          partial_restore=True)))
-      params = restored["state"]["params"]
-      _check_same_structure(abstract_params, params, s)
-      mngr.close()
-      return params, s
-    except Exception as e:  # see restore_latest_good
-      warnings.warn(f"checkpoint at step {s} in {directory} cannot be restored ({e!s:.300}); "
-                    "trying the previous one")
-      last_err = e
-  mngr.close()
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    for s in candidates:
+      try:
+        if s not in found:
+          raise FileNotFoundError(f"no step {s}; steps are {sorted(found)}")
+        restored = checkpointer.restore(
+            found[s] / "state",
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                        partial_restore=True))
+        params = restored["params"]
+        _check_same_structure(abstract_params, params, s)
+        return params, s
+      except Exception as e:  # see restore_latest_good
+        warnings.warn(f"checkpoint at step {s} in {directory} cannot be restored ({e!s:.300}); "
+                      "trying the previous one")
+        last_err = e
   raise ValueError(f"no restorable checkpoint under {directory}: {last_err}")

@@ -6,8 +6,8 @@ Rebuilt from what is on disk (the manifest `sweep.json` the runner writes, each 
 metrics.jsonl and final.json), so a sweep run one command at a time by a cluster scheduler gets
 the same table as one run in-process. Imports no jax: reports are made on machines without
 accelerators, often while the runs still train elsewhere. (Expanding a schedule into stages
-needs mbert_jax.schedule, which imports jax; the runner stores each run's stage boundaries in
-the manifest so that the report does not have to.)
+needs mbert_jax.distill.schedule, which imports jax; the runner stores each run's stage
+boundaries in the manifest so that the report does not have to.)
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
-from mbert_jax import workdir as workdir_lib
+from mbert_jax.training import workdir as workdir_lib
 
-# The sweep directory's layout, shared with the runner (mbert_jax/sweep.py), which writes it.
+# The sweep directory's layout, shared with the runner (runner.py), which writes it.
 MANIFEST = "sweep.json"
 WALL_FILE = "sweep_wall.json"
 ERROR_FILE = "sweep_error.txt"
@@ -99,7 +99,7 @@ def boundaries_of(schedule: Any, num_layers: int) -> Boundaries | None:
   expand (the run fails on it and says why; the table only loses its stage lines)."""
   # Imports jax: the runner calls this for the manifest; the report only for a run the manifest
   # does not lay out.
-  from mbert_jax import schedule as schedule_lib
+  from mbert_jax.distill import schedule as schedule_lib
   try:
     stages = schedule_lib.build_schedule(schedule, int(num_layers))
   except (ValueError, TypeError, KeyError):

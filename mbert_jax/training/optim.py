@@ -2,23 +2,24 @@
 
 The BERT/MobileBERT family of optimizers (TF1 LAMB, TF1 AdamW, bias-corrected AdamW/Adam) share
 one custom transformation, :func:`gated_adam`, because none of optax's stock optimizers can
-express what the paper's training code does (spec §9.2, §9.8):
+express what MobileBERT's TF1 training code (``lamb_optimizer.py``, BERT's ``optimization.py``)
+does:
 
 * no bias correction (TF1), ε added to ``sqrt(v)``;
 * norm parameters and biases excluded from weight decay *and* from the trust ratio;
 * the trust ratio computed per layer slice for leaves stacked on a leading layer axis
- (``encoder/layers/...`` in the scanned encoder), never over the stacked tensor;
-* per-leaf (and per-layer) learning-rate multipliers that are functions of the step, with TF1's
- moment gate ``m ← gate·(β1·m + (1−β1)·g)`` so that a layer whose multiplier is 0 keeps zero
- moments and does not move.
+  (``encoder/layers/...`` in the scanned encoder), never over the stacked tensor;
+* per-leaf (and per-layer) learning-rate multipliers that are functions of the step, with
+  TF1's moment gate ``m ← gate·(β1·m + (1−β1)·g)`` so that a layer whose multiplier is 0 keeps
+  zero moments and does not move.
 
 Leaves that are frozen for a whole stage go through ``optax.set_to_zero`` inside
 ``optax.partition`` so they carry no optimizer state at all.
 
-Gradient accumulation is *not* part of the optimizer: the trainer calls
-:func:`accumulate_gradients` inside its jitted step, which scans over micro-batches and hands the
-averaged gradient to a single optimizer update. That keeps the optimizer state free of
-accumulators and makes one optimizer step = one trainer step = one schedule step.
+Gradient accumulation is *not* part of the optimizer: the training step (training/step.py)
+calls :func:`accumulate_gradients` inside its jitted step, which scans over micro-batches and
+hands the averaged gradient to a single optimizer update. That keeps the optimizer state free
+of accumulators and makes one optimizer step = one trainer step = one schedule step.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from mbert_jax.models.layers import LAYER_STACK, param_path
 
 __all__ = [
   "OPTIMIZER_NAMES",
@@ -46,17 +49,15 @@ __all__ = [
   "make_lr_schedule",
   "optimizer_step",
   "param_path",
-  "tf1_adamw",
-  "tf1_lamb",
   "validate_optimizer_config",
 ]
 
 OPTIMIZER_NAMES = ("lamb", "adamw", "adamw_tf1", "adam")
 SCHEDULE_KINDS = ("constant", "linear", "polynomial", "cosine")
 
-# Leaves under this prefix are stacked on a leading layer axis by the scanned encoder
-# (docs/CONTRACTS.md); their trust ratios and multipliers are per layer slice.
-LAYER_AXIS_PREFIX = "encoder/layers/"
+# Leaves under the model's layer stack carry a leading layer axis; their trust ratios and
+# multipliers are per layer slice.
+LAYER_AXIS_PREFIX = LAYER_STACK
 
 Schedule = Callable[[Any], jax.Array]
 Multiplier = Callable[[Any], Any]
@@ -65,25 +66,6 @@ Multiplier = Callable[[Any], Any]
 # --------------------------------------------------------------------------------------------
 # Parameter paths and exclusion rules
 # --------------------------------------------------------------------------------------------
-
-
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def param_path(keypath) -> str:
-  """'/'-joined path of a jax key path, without a leading ``params/`` collection name.
-
-  The collection name is dropped so that rules written against docs/CONTRACTS.md paths work
-  whether the caller passes ``variables['params']`` or the whole ``variables`` dict.
-  """
-  parts = [_key_name(k) for k in keypath]
-  if parts and parts[0] == "params":
-    parts = parts[1:]
-  return "/".join(parts)
 
 
 _NORM_MARKERS = ("layernorm", "layer_norm", "nonorm", "no_norm")
@@ -128,7 +110,7 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 
 def _check_float(name: str, value, *, minimum=None, strict=False, maximum=None,
-        max_strict=False) -> float:
+                 max_strict=False) -> float:
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     raise ValueError(f"{name} must be a number, got {value!r}")
   value = float(value)
@@ -142,15 +124,15 @@ def _check_float(name: str, value, *, minimum=None, strict=False, maximum=None,
 
 
 def make_lr_schedule(kind: str, base_lr: float, total_steps: int = 0, warmup_steps: int = 0,
-          end_factor: float = 0.0, power: float = 1.0) -> Schedule:
+                     end_factor: float = 0.0, power: float = 1.0) -> Schedule:
   """Step → learning rate (float32 scalar); pure in the step and jit-compatible.
 
   * ``constant``: ``base_lr``.
   * ``linear`` / ``polynomial``: TF1 ``tf.train.polynomial_decay`` measured from step 0 (not
-   from the end of warm-up) down to ``base_lr·end_factor`` at ``total_steps``, held there
-   afterwards. ``linear`` is ``polynomial`` with ``power = 1``.
+    from the end of warm-up) down to ``base_lr·end_factor`` at ``total_steps``, held there
+    afterwards. ``linear`` is ``polynomial`` with ``power = 1``.
   * ``cosine``: cosine from ``base_lr`` at the end of warm-up to ``base_lr·end_factor`` at
-   ``total_steps`` (not a TF1 schedule; an extra for sweeps).
+    ``total_steps`` (not a TF1 schedule; an extra for sweeps).
 
   For every kind, while ``step < warmup_steps`` the rate is ``base_lr·step/warmup_steps``,
   overriding the decayed value exactly as TF1 ``optimization.py`` does (so step 0 has lr 0).
@@ -169,7 +151,7 @@ def make_lr_schedule(kind: str, base_lr: float, total_steps: int = 0, warmup_ste
       raise ValueError(f"schedule {kind!r} needs total_steps > 0, got {total_steps}")
     if warmup_steps > total_steps:
       raise ValueError(
-        f"warmup_steps ({warmup_steps}) must not exceed total_steps ({total_steps})")
+          f"warmup_steps ({warmup_steps}) must not exceed total_steps ({total_steps})")
   end_lr = base_lr * end_factor
   # optax's schedules, composed the TF1 way: the decay is measured from step 0, and during
   # warm-up the linear ramp replaces the decayed value.
@@ -198,7 +180,8 @@ def make_lr_schedule(kind: str, base_lr: float, total_steps: int = 0, warmup_ste
 
 
 def default_optimizer_config() -> ml_collections.ConfigDict:
-  """Defaults follow TF1 MobileBERT PD (spec §9.7/§9.8); stages override what differs."""
+  """Defaults follow TF1 MobileBERT's pre-training distillation (LAMB at 1.5e-3, 10k warm-up
+  steps, linear decay over 500k steps); stages override what differs."""
   cfg = ml_collections.ConfigDict()
   cfg.name = "lamb"
   cfg.learning_rate = 1.5e-3
@@ -207,7 +190,6 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
   cfg.eps = 1e-6
   cfg.weight_decay = 0.01
   cfg.clip_norm = 1.0
-  cfg.grad_accum_steps = 1
   cfg.schedule = "linear"
   cfg.warmup_steps = 10_000
   cfg.end_factor = 1e-4
@@ -231,7 +213,8 @@ def validate_optimizer_config(opt_cfg) -> ml_collections.ConfigDict:
   if missing:
     raise ValueError(f"optimizer config is missing fields {missing}")
   if unknown:
-    raise ValueError(f"optimizer config has unknown fields {unknown}; known: {list(_CONFIG_FIELDS)}")
+    raise ValueError(f"optimizer config has unknown fields {unknown}; "
+                     f"known: {list(_CONFIG_FIELDS)}")
   if opt_cfg.name not in OPTIMIZER_NAMES:
     raise ValueError(f"unknown optimizer name {opt_cfg.name!r}; expected one of {OPTIMIZER_NAMES}")
   _check_float("learning_rate", opt_cfg.learning_rate, minimum=0.0)
@@ -242,11 +225,10 @@ def validate_optimizer_config(opt_cfg) -> ml_collections.ConfigDict:
   _check_float("weight_decay", opt_cfg.weight_decay, minimum=0.0)
   if opt_cfg.name == "adam" and opt_cfg.weight_decay != 0:
     raise ValueError(
-      f"optimizer 'adam' has no weight decay but weight_decay={opt_cfg.weight_decay}; "
-      "set weight_decay=0 or use 'adamw'/'adamw_tf1'")
+        f"optimizer 'adam' has no weight decay but weight_decay={opt_cfg.weight_decay}; "
+        "set weight_decay=0 or use 'adamw'/'adamw_tf1'")
   if opt_cfg.clip_norm is not None:
     _check_float("clip_norm", opt_cfg.clip_norm, minimum=0.0)
-  _check_int("grad_accum_steps", opt_cfg.grad_accum_steps, 1)
   # Building the schedule validates schedule/warmup/total/end_factor/power.
   lr_schedule_from_config(opt_cfg)
   out = ml_collections.ConfigDict(opt_cfg.to_dict())
@@ -256,7 +238,7 @@ def validate_optimizer_config(opt_cfg) -> ml_collections.ConfigDict:
 
 def lr_schedule_from_config(opt_cfg) -> Schedule:
   return make_lr_schedule(opt_cfg.schedule, opt_cfg.learning_rate, opt_cfg.total_steps,
-              opt_cfg.warmup_steps, opt_cfg.end_factor, opt_cfg.power)
+                          opt_cfg.warmup_steps, opt_cfg.end_factor, opt_cfg.power)
 
 
 def learning_rate_at(opt_cfg, step) -> jax.Array:
@@ -291,19 +273,20 @@ def _check_multiplier_shape(shape, path: str, leaf_shape, stacked: bool) -> None
     return
   if not stacked:
     raise ValueError(
-      f"multiplier for {path!r} returned shape {shape}, but only leaves stacked on a "
-      "layer axis (under the layer-axis prefix, 'encoder/layers/' by default) accept "
-      "per-layer vectors; return a scalar")
+        f"multiplier for {path!r} returned shape {shape}, but only leaves stacked on a "
+        "layer axis (under the layer-axis prefix, 'encoder/layers/' by default) accept "
+        "per-layer vectors; return a scalar")
   if shape != (leaf_shape[0],):
     raise ValueError(
-      f"multiplier for {path!r} returned shape {shape}; expected () or "
-      f"({leaf_shape[0]},) for a leaf of shape {tuple(leaf_shape)}")
+        f"multiplier for {path!r} returned shape {shape}; expected () or "
+        f"({leaf_shape[0]},) for a leaf of shape {tuple(leaf_shape)}")
 
 
 def _multiplier_value(fn: Multiplier, step, path: str, leaf_shape, stacked: bool) -> jax.Array:
   value = jnp.asarray(fn(step), jnp.float32)
   n = active_layers(fn)
-  if stacked and value.ndim == 1 and leaf_shape and n is not None and n <= leaf_shape[0] < len(value):
+  if (stacked and value.ndim == 1 and leaf_shape and n is not None
+      and n <= leaf_shape[0] < len(value)):
     # The training step updates only the first layer slices when the rest get no gradient and
     # a multiplier that is statically 0 (`train.narrow_layers`): the dropped entries are 0.
     value = value[:leaf_shape[0]]
@@ -319,11 +302,11 @@ def active_layers(fn: Multiplier | None) -> int | None:
 
 
 def gated_adam(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
-       weight_decay: float = 0.01, bias_correction: bool = False,
-       layer_adaptation: bool = False,
-       multipliers: Mapping[str, Multiplier] | None = None,
-       exclude_fn: Callable[[str], bool] = excluded_from_decay,
-       layer_axis_prefix: str = LAYER_AXIS_PREFIX) -> optax.GradientTransformation:
+               weight_decay: float = 0.01, bias_correction: bool = False,
+               layer_adaptation: bool = False,
+               multipliers: Mapping[str, Multiplier] | None = None,
+               exclude_fn: Callable[[str], bool] = excluded_from_decay,
+               layer_axis_prefix: str = LAYER_AXIS_PREFIX) -> optax.GradientTransformation:
   """Adam-family update with TF1 semantics, per-leaf multipliers and the TF1 moment gate.
 
   Per leaf (per layer slice for leaves under ``layer_axis_prefix``), at step ``t`` (the
@@ -358,7 +341,7 @@ def gated_adam(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float 
       raise ValueError(f"multipliers given for paths not in the parameters: {unknown}")
     zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
     return GatedAdamState(count=jnp.zeros((), jnp.int32),
-               mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))
+                          mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -380,7 +363,7 @@ def gated_adam(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float 
       stacked = _is_stacked(path, layer_axis_prefix)
       if stacked and jnp.ndim(w) == 0:
         raise ValueError(f"{path!r} is under {layer_axis_prefix!r} but is a scalar; "
-                "stacked leaves need a leading layer axis")
+                         "stacked leaves need a leading layer axis")
       g32 = jnp.asarray(g, jnp.float32)
       w32 = jnp.asarray(w, jnp.float32)
       # Per-slice quantities broadcast along the leading layer axis.
@@ -409,7 +392,7 @@ def gated_adam(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float 
         w_norm = jnp.sqrt(jnp.sum(w32 * w32, axis=axes, keepdims=stacked))
         u_norm = jnp.sqrt(jnp.sum(u * u, axis=axes, keepdims=stacked))
         ratio = jnp.where((w_norm > 0) & (u_norm > 0),
-                 w_norm / jnp.where(u_norm > 0, u_norm, 1.0), 1.0)
+                          w_norm / jnp.where(u_norm > 0, u_norm, 1.0), 1.0)
         u = ratio * u
       scale = lr if k is None else k * lr
       new_u.append((-scale * u).astype(jnp.result_type(w)))
@@ -418,29 +401,9 @@ def gated_adam(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float 
 
     unflat = lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
     return unflat(new_u), GatedAdamState(count=optax.safe_increment(step),
-                      mu=unflat(new_mu), nu=unflat(new_nu))
+                                         mu=unflat(new_mu), nu=unflat(new_nu))
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def tf1_lamb(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
-      weight_decay: float = 0.01, multipliers: Mapping[str, Multiplier] | None = None,
-      exclude_fn: Callable[[str], bool] = excluded_from_decay,
-      layer_axis_prefix: str = LAYER_AXIS_PREFIX) -> optax.GradientTransformation:
-  """TF1 MobileBERT ``lamb_optimizer.py``: no bias correction, per-variable trust ratio."""
-  return gated_adam(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-           bias_correction=False, layer_adaptation=True, multipliers=multipliers,
-           exclude_fn=exclude_fn, layer_axis_prefix=layer_axis_prefix)
-
-
-def tf1_adamw(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
-       weight_decay: float = 0.01, multipliers: Mapping[str, Multiplier] | None = None,
-       exclude_fn: Callable[[str], bool] = excluded_from_decay,
-       layer_axis_prefix: str = LAYER_AXIS_PREFIX) -> optax.GradientTransformation:
-  """TF1 BERT ``AdamWeightDecayOptimizer`` (run_classifier): AdamW without bias correction."""
-  return gated_adam(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-           bias_correction=False, layer_adaptation=False, multipliers=multipliers,
-           exclude_fn=exclude_fn, layer_axis_prefix=layer_axis_prefix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,13 +440,13 @@ def _multiplier_table(params, multipliers) -> tuple[dict[str, Multiplier | None]
         table[path] = fn
       else:
         raise ValueError(f"multiplier for {path!r} must be None, a number or f(step); "
-                f"got {type(fn).__name__}")
+                         f"got {type(fn).__name__}")
     missing = sorted(set(param_paths) - set(table))
     extra = sorted(set(table) - set(param_paths))
     if missing or extra:
       raise ValueError("multipliers tree does not match params: "
-              f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-              f"extra {extra[:8]}{'...' if len(extra) > 8 else ''}")
+                       f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                       f"extra {extra[:8]}{'...' if len(extra) > 8 else ''}")
   # Surface shape mistakes at build time rather than deep inside the first jitted step.
   for (kp, leaf) in param_keyed:
     path = param_path(kp)
@@ -492,34 +455,33 @@ def _multiplier_table(params, multipliers) -> tuple[dict[str, Multiplier | None]
       continue
     out = jax.eval_shape(lambda s: jnp.asarray(fn(s)), jax.ShapeDtypeStruct((), jnp.int32))
     _check_multiplier_shape(out.shape, path, jnp.shape(leaf),
-                _is_stacked(path, LAYER_AXIS_PREFIX))
+                            _is_stacked(path, LAYER_AXIS_PREFIX))
   if all(fn is None for fn in table.values()):
     raise ValueError("every parameter is frozen (all multipliers are None); nothing to train")
   labels = jax.tree_util.tree_map_with_path(
-    lambda kp, _: _FROZEN if table[param_path(kp)] is None else _TRAIN, params)
+      lambda kp, _: _FROZEN if table[param_path(kp)] is None else _TRAIN, params)
   return table, labels
 
 
-def build_optimizer(opt_cfg, params, multipliers=None,
-          lr_schedule: Schedule | None = None, *,
-          exclude_fn: Callable[[str], bool] = excluded_from_decay
-          ) -> optax.GradientTransformation:
+def build_optimizer(opt_cfg, params, multipliers=None, lr_schedule: Schedule | None = None, *,
+                    exclude_fn: Callable[[str], bool] = excluded_from_decay
+                    ) -> optax.GradientTransformation:
   """Optimizer for one training stage.
 
   Args:
-   opt_cfg: ConfigDict as :func:`default_optimizer_config` (validated here).
-   params: parameter tree (arrays or ShapeDtypeStructs); fixes paths and the frozen set.
-   multipliers: None (every leaf ×1), or a pytree matching ``params`` whose leaves are None
-    (frozen for the stage: no update, no optimizer state), a number, or ``f(step)`` returning
-    a scalar or, for leaves under ``encoder/layers/``, an ``[L]`` vector. ``step`` is the
-    optimizer's own count (steps since this optimizer state was initialised). A multiplier
-    ≤ 0 gates that leaf's/slice's moments to 0 (TF1 moment gate).
-   lr_schedule: step → lr; overrides the schedule fields of ``opt_cfg``.
-   exclude_fn: path → True for leaves without weight decay and trust ratio.
+    opt_cfg: ConfigDict as :func:`default_optimizer_config` (validated here).
+    params: parameter tree (arrays or ShapeDtypeStructs); fixes paths and the frozen set.
+    multipliers: None (every leaf ×1), or a pytree matching ``params`` whose leaves are None
+        (frozen for the stage: no update, no optimizer state), a number, or ``f(step)`` returning
+        a scalar or, for leaves under ``encoder/layers/``, an ``[L]`` vector. ``step`` is the
+        optimizer's own count (steps since this optimizer state was initialised). A multiplier
+        ≤ 0 gates that leaf's/slice's moments to 0 (TF1 moment gate).
+    lr_schedule: step → lr; overrides the schedule fields of ``opt_cfg``.
+    exclude_fn: path → True for leaves without weight decay and trust ratio.
 
   Global-norm clipping (``clip_norm``) runs first, over every gradient including frozen
-  leaves, as TF1 does. ``grad_accum_steps`` is not applied here; see
-  :func:`accumulate_gradients`.
+  leaves, as TF1 does. Gradient accumulation is the step's (:func:`accumulate_gradients`,
+  ``train.grad_accum_steps``), not the optimizer's.
   """
   cfg = validate_optimizer_config(opt_cfg)
   schedule = lr_schedule if lr_schedule is not None else lr_schedule_from_config(cfg)
@@ -531,16 +493,16 @@ def build_optimizer(opt_cfg, params, multipliers=None,
   common = dict(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, multipliers=mults, exclude_fn=exclude_fn)
   if cfg.name == "lamb":
     core = gated_adam(schedule, weight_decay=cfg.weight_decay, bias_correction=False,
-             layer_adaptation=True, **common)
+                      layer_adaptation=True, **common)
   elif cfg.name == "adamw_tf1":
     core = gated_adam(schedule, weight_decay=cfg.weight_decay, bias_correction=False,
-             layer_adaptation=False, **common)
+                      layer_adaptation=False, **common)
   elif cfg.name == "adamw":
     core = gated_adam(schedule, weight_decay=cfg.weight_decay, bias_correction=True,
-             layer_adaptation=False, **common)
+                      layer_adaptation=False, **common)
   else:  # adam
     core = gated_adam(schedule, weight_decay=0.0, bias_correction=True,
-             layer_adaptation=False, **common)
+                      layer_adaptation=False, **common)
 
   transforms = {_TRAIN: core}
   if any(fn is None for fn in table.values()):
@@ -577,9 +539,9 @@ def accumulate_gradients(grad_fn: Callable, params, batch, num_microbatches: int
   gradient when the loss is an unweighted mean over examples; losses normalised by a
   data-dependent weight (e.g. MLM ``sum(w·l)/sum(w)``) differ slightly per micro-batch.
   """
-  num_microbatches = _check_int("num_microbatches (grad_accum_steps)", num_microbatches, 1)
+  num_microbatches = _check_int("num_microbatches (train.grad_accum_steps)", num_microbatches, 1)
   call = (lambda mb, i: grad_fn(params, mb)) if rng is None else (
-    lambda mb, i: grad_fn(params, mb, jax.random.fold_in(rng, i)))
+      lambda mb, i: grad_fn(params, mb, jax.random.fold_in(rng, i)))
   if num_microbatches == 1:
     return call(batch, 0)
 
@@ -587,7 +549,7 @@ def accumulate_gradients(grad_fn: Callable, params, batch, num_microbatches: int
     x = jnp.asarray(x)
     if x.ndim == 0 or x.shape[0] % num_microbatches:
       raise ValueError(f"batch field {param_path(kp)!r} with shape {x.shape} cannot be split "
-              f"into {num_microbatches} equal micro-batches along axis 0")
+                       f"into {num_microbatches} equal micro-batches along axis 0")
     return x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:])
 
   micro = jax.tree_util.tree_map_with_path(split, batch)

@@ -7,13 +7,13 @@ projection (`init_transfer_params`) or are compared as token-similarity matrices
 count switches attention transfer to MiniLMv2 relations; another depth uses `kt.layer_map`.
 `check_transfer` validates all of it before anything compiles.
 
-Knows models, checkpoints and sharding; nothing of the training loop.
+Loads through `mbert_jax.interop.model_source` (runs, Hugging Face and sentence-transformers
+directories alike); knows models and sharding, nothing of the training loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any, Iterator, Mapping, Sequence
@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from mbert_jax import checkpoint as ckpt_lib
-from mbert_jax import losses
-from mbert_jax import sharding
+from mbert_jax.models import build, example_inputs
+from mbert_jax.distill import transfer_options
+from mbert_jax.interop import model_source
+from mbert_jax.training import sharding
 from mbert_jax.models import ModelConfig
-from mbert_jax.workdir import CHECKPOINT_DIR, MODEL_CONFIG_FILE, TOKENIZER_DIR, is_mbert_workdir
 
 # Top-level key of the projection tree in the student's params (sibling of `embeddings`,
 # `encoder`, `cls`); the student model ignores it.
@@ -46,46 +46,40 @@ class Teacher:
   config: ModelConfig
   params: Any
   path: str
-  layout: str                # 'mbert-jax' or the Hugging Face layout (hf.Imported.layout)
+  layout: str                # 'mbert-jax' or the Hugging Face layout (LoadedModel.layout)
   has_mlm_head: bool         # False: a bare encoder, whose MLM logits are random (no 'kd')
   has_nsp_head: bool
   fresh: tuple[str, ...]     # parameter paths the checkpoint lacked (initialised fresh)
   vocab_file: str            # the teacher's vocabulary beside its weights; '' when none
 
 
-def _vocab_file(directory: str) -> str:
+def _vocab_file(directory: str | None) -> str:
   for name in _VOCAB_FILES:
-    if os.path.isfile(os.path.join(directory, name)):
+    if directory and os.path.isfile(os.path.join(directory, name)):
       return os.path.join(directory, name)
   return ""
 
 
+def _locate(path: str) -> model_source.ModelSource:
+  return model_source.locate(path, setting="teacher.checkpoint")
+
+
 def open_teacher(teacher_cfg, mesh, rules) -> Teacher:
-  """Loads `teacher_cfg.checkpoint` (workdir or HF directory), sharded by `rules` on `mesh`."""
+  """Loads `teacher_cfg.checkpoint` (an mbert-jax run, a Hugging Face or sentence-transformers
+  directory), sharded by `rules` on `mesh`."""
   path = teacher_cfg.checkpoint
-  dtype = teacher_cfg.compute_dtype
-  if is_mbert_workdir(path):
-    with open(os.path.join(path, MODEL_CONFIG_FILE)) as f:
-      cfg = ModelConfig.from_dict(json.load(f)).replace(compute_dtype=dtype)
-    _, abstract, shardings = sharding.abstract_params(cfg, mesh, rules)
-    step = None if teacher_cfg.step < 0 else int(teacher_cfg.step)
-    params, at = ckpt_lib.restore_params_only(os.path.join(path, CHECKPOINT_DIR),
-                                              sharding.with_shardings(abstract, shardings), step)
-    logging.info("teacher: %s step %d", path, at)
-    return Teacher(cfg, params, path, "mbert-jax", True, True, (),
-                   _vocab_file(os.path.join(path, TOKENIZER_DIR)))
-  if os.path.isdir(path):
-    from mbert_jax import hf
-    imported = hf.import_model(path)
-    cfg = imported.config.replace(compute_dtype=dtype)
-    _, _, shardings = sharding.abstract_params(cfg, mesh, rules)
-    logging.info("teacher: %s (%s, %d layers, width %d, %d heads)", imported.source,
-                 imported.layout, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads)
-    return Teacher(cfg, sharding.place_tree(imported.params, shardings), path, imported.layout,
-                   imported.has_mlm_head, imported.has_nsp_head, imported.fresh,
-                   _vocab_file(imported.directory))
-  raise FileNotFoundError(f"teacher.checkpoint = {path!r} holds neither an mbert-jax run "
-                          "(model_config.json) nor a Hugging Face model (config.json)")
+  source = _locate(path)
+  cfg = source.model_config.replace(compute_dtype=teacher_cfg.compute_dtype)
+  _, abstract, shardings = sharding.abstract_params(build(cfg), example_inputs(cfg), mesh, rules)
+  step = None if teacher_cfg.step < 0 else int(teacher_cfg.step)
+  loaded = model_source.load(source, sharding.with_shardings(abstract, shardings), step=step)
+  if source.kind == model_source.RUN:
+    logging.info("teacher: %s step %d", path, loaded.step)
+  else:
+    logging.info("teacher: %s (%s, %d layers, width %d, %d heads)", loaded.weights,
+                 loaded.layout, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads)
+  return Teacher(cfg, loaded.params, path, loaded.layout, loaded.has_mlm_head,
+                 loaded.has_nsp_head, loaded.fresh, _vocab_file(source.tokenizer_dir))
 
 
 def vocab_source(path: str) -> str:
@@ -93,21 +87,13 @@ def vocab_source(path: str) -> str:
   if not path:
     raise ValueError("data.vocab = 'teacher' but teacher.checkpoint is empty: set the teacher, "
                      "or name a vocabulary in data.vocab")
-  if is_mbert_workdir(path):
-    return os.path.join(path, TOKENIZER_DIR)
-  return path
+  source = _locate(path)
+  return source.tokenizer_dir or source.path
 
 
 def read_teacher_config(teacher_cfg) -> ModelConfig:
   """The teacher's architecture without reading its weights."""
-  path = teacher_cfg.checkpoint
-  if is_mbert_workdir(path):
-    with open(os.path.join(path, MODEL_CONFIG_FILE)) as f:
-      cfg = ModelConfig.from_dict(json.load(f))
-  else:
-    from mbert_jax.models import from_hf_config
-    with open(os.path.join(path, "config.json")) as f:
-      cfg = from_hf_config(json.load(f))
+  cfg = _locate(teacher_cfg.checkpoint).model_config
   return cfg.replace(compute_dtype=teacher_cfg.compute_dtype)
 
 
@@ -140,7 +126,7 @@ class TransferPlan:
     instead of `Stage.teacher_num_layers`, which knows only the uniform map)."""
     if not self.layer_map:
       return None
-    return losses.teacher_depth(self.layer_map, student_layers_run)
+    return transfer_options.teacher_depth(self.layer_map, student_layers_run)
 
   def describe(self) -> str:
     attention = self.attention_transfer + (
@@ -186,22 +172,23 @@ def check_transfer(kt_cfg: Any, stages: Sequence[Any], student_cfg: ModelConfig,
         "custom schedule drop 'kd' from that stage's loss_weights), or use a teacher with an "
         "MLM head (BertForPreTraining / BertForMaskedLM)")
 
-  option = lambda key: losses.transfer_option(kt_cfg, key)
+  option = lambda key: transfer_options.transfer_option(kt_cfg, key)
   layer_stages = _uses(stages, _FEATURE_TERMS + ("at",))
-  mapping = losses.resolve_layer_map(option("layer_map"), student_cfg.num_hidden_layers,
-                                     teacher_cfg.num_hidden_layers) if layer_stages else ()
+  mapping = transfer_options.configured_layer_map(
+      option("layer_map"), student_cfg.num_hidden_layers,
+      teacher_cfg.num_hidden_layers) if layer_stages else ()
   projection = "none"
   if _uses(stages, _FEATURE_TERMS):
-    projection = losses.resolve_feature_projection(
+    projection = transfer_options.resolve_feature_projection(
         option("feature_transfer"), option("feature_projection"), student_cfg.hidden_size,
         teacher_cfg.hidden_size)
   attention, heads = "none", None
   if _uses(stages, ("at",)):
-    attention = losses.resolve_attention_transfer(
+    attention = transfer_options.resolve_attention_transfer(
         option("attention_transfer"), student_cfg.num_attention_heads,
         teacher_cfg.num_attention_heads)
     if attention == "relation":
-      heads = losses.resolve_relation_heads(
+      heads = transfer_options.resolve_relation_heads(
           option("relation_heads"), student_cfg.true_hidden_size, teacher_cfg.true_hidden_size,
           student_cfg.num_attention_heads, teacher_cfg.num_attention_heads)
   return TransferPlan(mapping, option("feature_transfer"), projection, attention, heads)
@@ -222,10 +209,10 @@ def init_transfer_params(kt_cfg: Any, student_cfg: ModelConfig, teacher_cfg: Mod
   a projection starts from exactly the unprojected transfer; different widths start
   variance-preserving (LeCun normal), because the mean/variance terms see the projected scale.
   """
-  mode = losses.resolve_feature_projection(
-      losses.transfer_option(kt_cfg, "feature_transfer"),
-      losses.transfer_option(kt_cfg, "feature_projection"), student_cfg.hidden_size,
-      teacher_cfg.hidden_size)
+  mode = transfer_options.resolve_feature_projection(
+      transfer_options.transfer_option(kt_cfg, "feature_transfer"),
+      transfer_options.transfer_option(kt_cfg, "feature_projection"),
+      student_cfg.hidden_size, teacher_cfg.hidden_size)
   if mode == "none":
     return None
   hs, ht = student_cfg.hidden_size, teacher_cfg.hidden_size

@@ -163,10 +163,13 @@ class ThroughputWindow:
 
 
 def warn_if_no_mfu(dtype: str, say) -> None:
-  kind = jax.devices()[0].device_kind
-  if say is not None and peak_flops(kind, dtype) is None:
+  """Say that an accelerator of unknown peak gets no MFU. A CPU never has one (its peak
+  depends on the cores, vector units and threads the run gets), so nothing is said there."""
+  device = jax.devices()[0]
+  kind = device.device_kind
+  if say is not None and device.platform != "cpu" and peak_flops(kind, dtype) is None:
     say(f"MFU not reported: no peak FLOP/s known for device kind {kind!r} "
-        "(add it to mbert_jax.metrics.PEAK_FLOPS)")
+        "(add it to mbert_jax.training.metrics.PEAK_FLOPS)")
 
 
 def json_safe(scalars: Mapping[str, float]) -> dict[str, Any]:
