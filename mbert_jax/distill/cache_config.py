@@ -120,6 +120,7 @@ def _sha256(data: bytes) -> str:
 
 
 def digest(obj: Any) -> str:
+  """16 hex digits of the SHA-256 of `obj` as canonical JSON (the header's `key_digest`)."""
   return _sha256(json.dumps(obj, sort_keys=True, default=str).encode())[:16]
 
 

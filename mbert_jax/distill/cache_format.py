@@ -78,6 +78,7 @@ def header_record_dtype(header: Mapping[str, Any]) -> np.dtype:
 
 
 def member_name(step: int) -> str:
+  """The member of a shard's zip that holds global step `step`'s records."""
   return f"{step:09d}.npy"
 
 
