@@ -57,7 +57,7 @@ def transfer_terms(ctx: LossContext, stage) -> tuple[str, ...]:
 def trained_depth(stage, num_layers: int) -> int | None:
   """The encoder depth a truncated stage trains, when the update may skip the layers above
   it: they do not run (no gradient), their multiplier is 0
-  (`schedule.GroupMultipliers.encoder_vector` gates them) and, the optimizer being reset at the
+  (`stage.GroupMultipliers.encoder_vector` gates them) and, the optimizer being reset at the
   stage's start, their moments are 0. None: update every layer slice."""
   if (stage.num_layers is None or not 0 < stage.num_layers < num_layers
       or not stage.reset_optimizer):
