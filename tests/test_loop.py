@@ -203,7 +203,7 @@ def test_config_errors_name_the_field_to_change():
   c = ib_bert_large.get_config("smoke")
   c.train.steps = 6  # shorter than the smoke warm-up of 30 steps
   with pytest.raises(ValueError, match="train.warmup_steps"):
-    launch.validate_config(c)
+    launch.task_for(c)
 
 
 def test_a_known_error_is_one_line_and_exit_2(tmp_path):

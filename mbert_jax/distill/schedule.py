@@ -317,9 +317,9 @@ class ScheduledMultiplier:
   ramp_period: int | None = None
 
   @property
-  def active_layers(self) -> int | None:
+  def nonzero_layers(self) -> int | None:
     """For a per-layer base: the layers up to the last non-zero one (the ramp scales but never
-    un-zeroes), so the optimizer can skip the rest (`optim.active_layers`); None for a scalar."""
+    un-zeroes), so the optimizer can skip the rest (`optim.nonzero_layers`); None for a scalar."""
     if not isinstance(self.base, tuple):
       return None
     nonzero = [i for i, v in enumerate(self.base) if v]

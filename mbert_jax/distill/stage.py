@@ -142,8 +142,8 @@ class GroupMultipliers:
       encoder = None if encoder == 0 else encoder
     object.__setattr__(self, "encoder", encoder)
 
-  def encoder_vector(self, num_layers: int, active_layers: int | None) -> tuple[float, ...] | None:
-    """Per-layer encoder multipliers, with layers beyond `active_layers` (not run) gated to 0.
+  def encoder_vector(self, num_layers: int, run_layers: int | None) -> tuple[float, ...] | None:
+    """Per-layer encoder multipliers, with layers beyond `run_layers` (not run) gated to 0.
 
     Layers that do not run get no gradient, but a non-zero gate would still apply LAMB's weight
     decay to them, so they must be 0, not merely untouched.
@@ -157,8 +157,8 @@ class GroupMultipliers:
       vector = self.encoder
     else:
       vector = (self.encoder,) * num_layers
-    if active_layers is not None:
-      vector = tuple(v if i < active_layers else 0.0 for i, v in enumerate(vector))
+    if run_layers is not None:
+      vector = tuple(v if i < run_layers else 0.0 for i, v in enumerate(vector))
     return vector if any(vector) else None
 
 

@@ -9,8 +9,8 @@ data, seeds) is refused before anything is written; a change the checkpoints do 
 (a longer final stage, logging) resumes, and re-opens a finished run. The results table and
 plots (report.py) are rebuilt from what is on disk after each run and by `--report`.
 
-Imports no jax at module level: `--emit` and `--report` run on machines without accelerators;
-only running a run (or checking a resumed one) imports the training code.
+Imports no jax at module level: `--report` runs on machines without accelerators, often while
+the runs still train elsewhere; what needs the training code imports it where it is used.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import ml_collections
 
 from mbert_jax import cli
 from mbert_jax.config_files import REPO_ROOT
-from mbert_jax.distill import teacher_cache
 from mbert_jax.sweeps import sweep as sweep_lib
 from mbert_jax.sweeps.commands import cache_command, check_round_trip, display_path, launch_command
 from mbert_jax.sweeps.report import (ERROR_FILE, MANIFEST, WALL_FILE, boundaries_of,
@@ -41,6 +40,7 @@ def teacher_caches(runs: Sequence[Run], sweepdir: str) -> dict[str, list[Run]]:
   """{cache directory: the runs whose pre-training distillation stage reads it}, in run order.
   Runs naming one directory share one cache: their PD stages see the same batches (the
   pipeline is step-indexed), which the cache's identity key checks for each of them."""
+  from mbert_jax.distill import teacher_cache  # imports jax: --report never gets here
   groups: dict[str, list[Run]] = {}
   for r in runs:
     directory = "" if r.setup else teacher_cache.cache_dir_of(resolve(r, sweepdir))
@@ -55,6 +55,7 @@ def build_teacher_caches(runs: Sequence[Run], sweepdir: str, log=print) -> dict[
   rest only check that the cache's key is theirs (and fill steps a longer run needs), so a
   run that names a cache built for other data is refused here, naming the field, before any
   run trains. Returns {directory: reader names}."""
+  from mbert_jax.distill import teacher_cache  # imports jax: --report never gets here
   groups = teacher_caches(runs, sweepdir)
   for directory, readers in groups.items():
     log(f"[teacher cache] {directory}: read by {', '.join(r.name for r in readers)}")

@@ -41,6 +41,7 @@ from mbert_jax.config_files import REPO_ROOT, split_ref
 from mbert_jax.sweeps.report import DEFAULT_VARIANT
 
 SWEEPDIR = "{sweepdir}"
+# The keys of a run that label it rather than override a config field.
 META_KEYS = ("name", "variant")
 # Names become directories next to these entries of the sweep dir.
 RESERVED_NAMES = ("data_cache", "xla_cache", "teacher_cache")

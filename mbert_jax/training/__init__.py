@@ -1,12 +1,22 @@
 """Training: the one loop (`loop.run`), the task contract it runs (`task`), the train state and
 its guarded update (`state`), the compiled step (`step`), optimizers and schedules (`optim`),
 the device mesh (`sharding`), checkpoints, the workdir a run owns, and metrics. It knows no
-objective and no model's parameter paths: a task brings those."""
+objective and no model's parameter paths: a task brings those.
 
-from mbert_jax.training.loop import run
-from mbert_jax.training.state import TrainState, guarded_update
-from mbert_jax.training.step import make_train_step
-from mbert_jax.training.task import ParamSubset, StagePlan, Task
+The names below load their module on first use, so a light import (`training.workdir`, which
+`python -m mbert_jax.sweep --report` needs) does not pull in jax.
+"""
 
-__all__ = ["run", "TrainState", "guarded_update", "make_train_step", "ParamSubset", "StagePlan",
-           "Task"]
+import importlib
+
+_EXPORTS = {"run": "loop", "TrainState": "state", "guarded_update": "state",
+            "make_train_step": "step", "ParamSubset": "task", "Setup": "task",
+            "StagePlan": "task", "Task": "task"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

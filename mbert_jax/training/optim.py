@@ -284,20 +284,20 @@ def _check_multiplier_shape(shape, path: str, leaf_shape, stacked: bool) -> None
 
 def _multiplier_value(fn: Multiplier, step, path: str, leaf_shape, stacked: bool) -> jax.Array:
   value = jnp.asarray(fn(step), jnp.float32)
-  n = active_layers(fn)
+  n = nonzero_layers(fn)
   if (stacked and value.ndim == 1 and leaf_shape and n is not None
       and n <= leaf_shape[0] < len(value)):
     # The training step updates only the first layer slices when the rest get no gradient and
-    # a multiplier that is statically 0 (`train.narrow_layers`): the dropped entries are 0.
+    # a multiplier that is statically 0 (`StagePlan.trained`): the dropped entries are 0.
     value = value[:leaf_shape[0]]
   _check_multiplier_shape(value.shape, path, leaf_shape, stacked)
   return value
 
 
-def active_layers(fn: Multiplier | None) -> int | None:
+def nonzero_layers(fn: Multiplier | None) -> int | None:
   """How many leading layer slices a stacked leaf's multiplier can ever make non-zero (static:
-  its `active_layers` attribute, as `schedule.ScheduledMultiplier` has); None if unknown."""
-  n = getattr(fn, "active_layers", None)
+  its `nonzero_layers` attribute, as `schedule.ScheduledMultiplier` has); None if unknown."""
+  n = getattr(fn, "nonzero_layers", None)
   return n if isinstance(n, int) else None
 
 
