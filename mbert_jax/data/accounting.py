@@ -124,12 +124,14 @@ def drop_warning(accounting: dict[str, Any], splitters: list[str], max_seq_lengt
                     for k, v in accounting["tokens_dropped"].items() if v)
   expected = (f", more than the {expected_fraction:.1%} this config expects"
               if expected_fraction > DROP_WARNING_FRACTION else "")
+  declare = math.ceil(fraction * 100) / 100  # the field must stay below 1
+  intended = (f" If this loss is intended, set data.expected_drop_fraction={declare:.2f}."
+              if declare < 1 else "")
   return (f"DATA WARNING: {fraction:.1%} of {what}'s {read:,} tokens reach no "
           f"example ({parts}{expected}); {accounting['examples']:,} examples = "
           f"{accounting['examples_per_million_tokens']:,.0f} per million tokens. "
-          f"{drop_advice(accounting, splitters, max_seq_length, min_document_sentences)}. "
-          f"If this loss is intended, set data.expected_drop_fraction="
-          f"{math.ceil(fraction * 100) / 100:.2f}.")
+          f"{drop_advice(accounting, splitters, max_seq_length, min_document_sentences)}."
+          f"{intended}")
 
 
 def warn_once(log: logging.Logger, message: str | None, corpus_key: Hashable) -> None:

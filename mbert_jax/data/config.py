@@ -1,6 +1,6 @@
 """The `data` section every training preset carries, and its validation.
 
-Defaults follow BERT's `create_pretraining_data.py` (spec §10) except where noted: masking is
+Defaults follow BERT's `create_pretraining_data.py` except where noted: masking is
 dynamic by default (fresh masks every epoch, as RoBERTa showed helps) and the demo vocabulary
 is trained from the corpus because no pretrained vocabulary can be downloaded offline.
 """

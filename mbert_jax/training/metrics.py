@@ -122,8 +122,9 @@ class Progress:
       return
     self.bar.n = step
     if postfix:
-      self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
-                           refresh=False)
+      self.bar.set_postfix(
+          {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+          refresh=False)
     self.bar.refresh()
 
   def write(self, text: str) -> None:
@@ -147,7 +148,8 @@ class ThroughputWindow:
   def count(self, steps: int) -> None:
     self.steps += steps
 
-  def rates(self, global_batch: int, flops_per_example: float | None, dtype: str) -> dict[str, float]:
+  def rates(self, global_batch: int, flops_per_example: float | None,
+            dtype: str) -> dict[str, float]:
     """Steps/s, examples/s and MFU since the last call (none while only compiling)."""
     now = time.perf_counter()
     dt, steps = now - self.t, self.steps
