@@ -1,4 +1,5 @@
-"""Default fine-tuning hyperparameters (spec §11: TF1 `run_classifier.py` / README).
+"""Default fine-tuning hyperparameters (the TF1 release's `run_classifier.py`, `run_squad.py`
+and README).
 
 The optimizer block is shared: TF1's AdamWeightDecayOptimizer (`adamw_tf1`: AdamW without
 bias correction) with β 0.9/0.999, ε 1e-6, weight decay 0.01 (not on LayerNorm/NoNorm
@@ -6,7 +7,7 @@ parameters and biases: `optim.excluded_from_decay`), linear warm-up over 10% of 
 linear decay to lr × 1e-4, global-norm clipping at 1.0. The paper tuned batch {16, 32, 48},
 lr (1–10)e-5 and 2–10 epochs per task; these are the starting points, not the tuned values
 (sweep them with a sweep file over `train.learning_rate`, `data.batch_size`, `train.epochs`).
-Every key here is read by `trainer.default_config`.
+Every key here is read by `finetune.task.default_config`.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ class GlueTask:
     num_labels: classes, or 1 for the STS-B regression.
     label_names: class names in id order (None for regression).
     metrics: metric keys `glue_metrics` returns for the task.
-    main_metric: the one metric the MobileBERT/BERT papers report (spec §12).
+    main_metric: the one metric the MobileBERT/BERT papers report (accuracy; F1 for MRPC and
+      QQP, Matthews correlation for CoLA, Spearman for STS-B).
     hub: `(path, config)` for `datasets.load_dataset` when online.
     splits: split name → stem of the original GLUE file (`dev` for `validation`, ...).
     eval_splits: splits scored at evaluation (MNLI: matched and mismatched).

@@ -281,7 +281,7 @@ def prepare_squad_features(examples: Any, tokenizer, max_seq_length: int = 384,
     examples: flat examples (`load_squad` output, or dicts with `id`, `question`, `context`,
       `answers`).
     tokenizer: a `tokenizers.Tokenizer` (WordPiece) with [CLS]/[SEP]/[PAD] in its vocabulary.
-    max_seq_length, doc_stride, max_query_length: window geometry (spec §11: 384/128/64).
+    max_seq_length, doc_stride, max_query_length: window geometry (TF1 run_squad.py: 384/128/64).
     version_2_with_negative: allow questions without answers (labelled [CLS]).
     is_training: drop examples whose first answer cannot be located in the context tokens
       (BERT skips them; they would teach "no answer"), with a warning.

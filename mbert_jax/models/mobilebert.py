@@ -1,8 +1,8 @@
 """The MobileBERT family in Flax linen: IB-BERT teacher, MobileBERT(-TINY), w/o OPT, BERT.
 
 One module covers every architecture of the paper; the configuration picks the branches
-(spec §4). Parameters are float32 and annotated with logical axes; computation runs in
-`compute_dtype`. The encoder is a scan over a stacked layer axis, so compile time does not grow
+(MobileBERT paper, Sec. 3 and Fig. 1). Parameters are float32 and annotated with logical axes;
+computation runs in `compute_dtype`. The encoder is a scan over a stacked layer axis, so compile time does not grow
 with depth and the first `num_layers` layers can run alone (progressive knowledge transfer).
 """
 
@@ -266,7 +266,8 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-  """One transformer block (spec §4.2); scanned, so it returns (carry, per-layer outputs).
+  """One transformer block (bottlenecks, stacked FFNs, NoNorm as the config says); scanned, so
+  it returns (carry, per-layer outputs).
 
   The per-layer outputs carry Q/K/V only with `return_qkv`: as scan outputs they would be
   stacked over layers, i.e. materialised, even when nothing reads them. For the same reason
