@@ -50,14 +50,27 @@ def repeated_layer_map(num_student_layers: int, num_teacher_layers: int) -> tupl
                for i in range(1, num_student_layers + 1))
 
 
-def packaged_teacher_dir() -> str:
-  """The model directory inside the installed smoke-teacher package, '' when not installed.
-  Found without importing the package (its __init__ would pull in sentence-transformers)."""
+def packaged_teacher_problem() -> str:
+  """Why the packaged smoke teacher cannot be used ('' when it can): not installed, or
+  installed without its model files. Found without importing the package (its __init__ would
+  pull in sentence-transformers)."""
   spec = importlib.util.find_spec(SMOKE_TEACHER_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
-    return ""
+    return (f"{SMOKE_TEACHER_PACKAGE} (the packaged BERT teacher of the `test` extra) is not "
+            "installed")
   path = os.path.join(list(spec.submodule_search_locations)[0], "model")
-  return path if os.path.isfile(os.path.join(path, "config.json")) else ""
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    return f"{SMOKE_TEACHER_PACKAGE} is installed but has no model/config.json under {path}"
+  return ""
+
+
+def packaged_teacher_dir() -> str:
+  """The model directory inside the installed smoke-teacher package, '' when it cannot be used
+  (`packaged_teacher_problem` says why)."""
+  if packaged_teacher_problem():
+    return ""
+  spec = importlib.util.find_spec(SMOKE_TEACHER_PACKAGE)
+  return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
 def _bert_teacher(c, teacher: str, smoke: bool) -> None:

