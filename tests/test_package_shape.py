@@ -90,6 +90,13 @@ def test_dependencies_point_one_way(layer, forbidden):
   assert not bad, bad
 
 
+# Imports that stay inside functions, each for a reason a test pins: `python -m mbert_jax.sweep
+# --report` and `--emit` load no jax (tests/test_sweep.py), and these modules pull it in.
+LAZY_ON_PURPOSE = {"mbert_jax.sweeps.report:boundaries_of", "mbert_jax.sweeps.runner:teacher_caches",
+                   "mbert_jax.sweeps.runner:build_teacher_caches",
+                   "mbert_jax.sweeps.runner:_check_identity", "mbert_jax.sweeps.runner:run_one"}
+
+
 def test_package_imports_sit_at_module_top():
   """Package-internal imports inside functions hide the dependency graph; optional heavy
   extras (torch, transformers, onnx) may load lazily, the package's own modules may not."""
@@ -98,6 +105,8 @@ def test_package_imports_sit_at_module_top():
     for node in ast.walk(ast.parse(open(path).read())):
       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         for sub in ast.walk(node):
+          if f"{name}:{node.name}" in LAZY_ON_PURPOSE:
+            continue
           if isinstance(sub, ast.ImportFrom) and (sub.level or (sub.module or "").startswith(
               "mbert_jax")):
             inside.append(f"{name}:{node.name} imports {sub.module}")

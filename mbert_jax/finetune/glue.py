@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mbert_jax.data import tokenizer as tokenizer_lib
 from mbert_jax.finetune.metrics import GLUE_TASK_METRICS
 
 __all__ = [
@@ -399,21 +400,18 @@ def build_wordpiece_tokenizer(vocab: str | os.PathLike | Sequence[str] | Mapping
   Normalisation matches BERT: clean text, split CJK characters, lower case and strip accents
   when `lowercase` (uncased MobileBERT), keep them otherwise.
   """
-  from mbert_jax.data import tokenizer as tokenizer_lib
   return tokenizer_lib.build_wordpiece(vocab, lower_case=lowercase,
                                        require=tokenizer_lib.FINETUNE_SPECIAL_TOKENS)
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:
   """`{"cls", "sep", "pad"}` ids looked up in the tokenizer's vocabulary."""
-  from mbert_jax.data import tokenizer as tokenizer_lib
   return tokenizer_lib.token_ids(tokenizer, ("cls", "sep", "pad"))
 
 
 def plain_tokenizer(tokenizer):
   """The tokenizer without its own truncation/padding, which would cut text before the
   pair-aware truncation here (a copy; the caller's tokenizer is left unchanged)."""
-  from mbert_jax.data import tokenizer as tokenizer_lib
   return tokenizer_lib.plain_tokenizer(tokenizer)
 
 
