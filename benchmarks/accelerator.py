@@ -161,8 +161,9 @@ from configs import distill_mobilebert  # noqa: E402
 
 from mbert_jax.models import build, example_inputs
 from mbert_jax.training import metrics  # noqa: E402
-from mbert_jax.training import optim  # noqa: E40from mbert_jax.distill import objective
-from mbert_jax.distill import config as distill_config02
+from mbert_jax.training import optim  # noqa: E402
+from mbert_jax.distill import objective  # noqa: E402
+from mbert_jax.distill import config as distill_config  # noqa: E402
 from mbert_jax.distill import schedule  # noqa: E402
 from mbert_jax.training import sharding  # noqa: E402
 from mbert_jax import training  # noqa: E402

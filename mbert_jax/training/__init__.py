@@ -16,7 +16,13 @@ _EXPORTS = {"run": "loop", "TrainState": "state", "guarded_update": "state",
 __all__ = sorted(_EXPORTS)
 
 
+_SUBMODULES = ("checkpoint", "config", "loop", "metrics", "optim", "sharding", "state", "step",
+               "task", "workdir")
+
+
 def __getattr__(name):
   if name in _EXPORTS:
     return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  if name in _SUBMODULES:
+    return importlib.import_module(f"{__name__}.{name}")
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
