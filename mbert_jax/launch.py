@@ -35,15 +35,11 @@ def task_for(config: ml_collections.ConfigDict):
   return PretrainTask(config)
 
 
-validate_config = task_for  # the name the tests and earlier releases use
-
 
 def run_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) one config in `workdir`; returns its report."""
   return loop.run(task_for(config), workdir)
 
-
-train_and_evaluate = run_config
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
@@ -135,6 +131,7 @@ COMMANDS = {
     "sweep": "mbert_jax.sweep",
     "inspect": "mbert_jax.data.inspect",
     "summary": "mbert_jax.models.summary",
+    "plan": "mbert_jax.plan",
 }
 
 

@@ -13,12 +13,14 @@ TensorCore; v4 and v5p chips are one megacore device).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib
+import math
 import os
 import re
 from typing import Any
 
 import jax
+from jax.experimental import topologies
 
 from mbert_jax.training import metrics
 
@@ -43,14 +45,15 @@ GIB = 2**30
 # divided by the Pod's chips (v3 340 TB/s / 1024, v4 1.1 PB/s / 4096, v5e 51.2 TB/s / 256, v6e
 # 102.4 TB/s / 256); v5p gives no all-reduce figure, so half its bidirectional ICI bandwidth
 # (1200 GB/s), the ratio v5e and v6e show between the two. `usable_bytes`: the HBM XLA:TPU lets
-# one device's program allocate, as its out-of-memory message states it (libtpu 0.0.42:
-# "exceeds available HBM (15.48G)" for a v3 core, 30.75G v4, 15.75G v5e, 95.74G v5p, 31.25G v6e).
+# one device's program allocate, as its out-of-memory message states it in GiB (libtpu 0.0.42:
+# "exceeds available HBM (15.48G)" for a v3 core, 30.75G v4, 15.75G v5e, 95.74G v5p, 31.25G v6e;
+# above the pages' "16 GB" and "32 GB", which are GiB).
 TPU_CHIPS: dict[str, Chip] = {
     "v3": Chip("TPU v3", 2, 32 * GIB, 900e9, 340e12 / 1024, 15.48 * GIB),
     "v4": Chip("TPU v4", 1, 32 * GIB, 1200e9, 1.1e15 / 4096, 30.75 * GIB),
-    "v5e": Chip("TPU v5e", 1, 16e9, 819e9, 51.2e12 / 256, 15.75 * GIB),
+    "v5e": Chip("TPU v5e", 1, 16 * GIB, 819e9, 51.2e12 / 256, 15.75 * GIB),
     "v5p": Chip("TPU v5p", 1, 95 * GIB, 2765e9, 1200e9 / 2, 95.74 * GIB),
-    "v6e": Chip("TPU v6e", 1, 32e9, 1638e9, 102.4e12 / 256, 31.25 * GIB),
+    "v6e": Chip("TPU v6e", 1, 32 * GIB, 1638e9, 102.4e12 / 256, 31.25 * GIB),
 }
 # libtpu's own spelling of each generation, and the chip configuration that makes one device
 # per chip where a chip has two TensorCores (megacore; v3 has none).
@@ -96,7 +99,11 @@ class Target:
 
 
 def has_libtpu() -> bool:
-  return importlib.util.find_spec("libtpu") is not None
+  try:
+    importlib.import_module("libtpu")  # the wheel that ships XLA's TPU compiler
+  except ImportError:
+    return False
+  return True
 
 
 def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
@@ -112,6 +119,14 @@ def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
     raise ValueError(f"topology {name!r}: {gen} chips form a {_DIMS[gen]}-D grid "
                      f"(e.g. {gen}:{example})")
   return gen, dims
+
+
+def parse_target_name(name: str) -> str:
+  """`local`, or a checked topology name; a one-line ValueError for anything else."""
+  if name.strip() == "local":
+    return "local"
+  parse_topology(name)
+  return name.strip()
 
 
 def _quiet_libtpu(gen: str, chips: int) -> None:
@@ -132,12 +147,13 @@ def tpu_target(name: str) -> Target:
   if not has_libtpu():
     raise ValueError(f"--topology={name} compiles with XLA's TPU compiler, which the libtpu "
                      f"wheel ships: {TPU_EXTRA}")
-  chips = 1
-  for d in dims:
-    chips *= d
+  chips = math.prod(dims)
   _quiet_libtpu(gen, chips)
-  from jax.experimental import topologies
   spelled, kwargs = _LIBTPU[gen]
+  host = (2, 2, 1)  # chips per host of every generation here (a 4-chip VM)
+  if any(d % h for d, h in zip(dims + (1,) * (3 - len(dims)), host)):
+    # A slice smaller than one host (v5e:1x1, a single-chip VM) is one host of its own size.
+    kwargs = {**kwargs, "chips_per_host_bounds": tuple(dims) + (1,) * (3 - len(dims))}
   try:
     devices = topologies.get_topology_desc(f"{spelled}:{'x'.join(map(str, dims))}", "tpu",
                                            **kwargs).devices
@@ -167,7 +183,6 @@ def local_target() -> Target:
   devices = tuple(jax.devices())
   kind = devices[0].device_kind
   chip = _local_chip(kind) if devices[0].platform != "cpu" else None
-  memory = None
   try:
     memory = float(devices[0].memory_stats()["bytes_limit"])
   except Exception:  # CPUs and some runtimes report no memory statistics
@@ -183,6 +198,6 @@ def local_target() -> Target:
 
 def resolve(name: str) -> Target:
   """`local` or a TPU topology name; ValueError (one line) for anything else."""
-  if name.strip() == "local":
+  if parse_target_name(name) == "local":
     return local_target()
-  return tpu_target(name)
+  return tpu_target(name.strip())

@@ -1,14 +1,17 @@
 """Every distinct compiled program of a run, built from its config alone: no data, no weights.
 
-This module is the planner's only link to the tasks: it assembles each stage's `StagePlan`
-from the pieces `distill.task.PretrainTask` and `finetune.task.FinetuneTask` build theirs from
-(model configs, stages, transfer plan, optimizer, loss) and hands it to
-`training.step.jit_train_step`, the step the loop compiles. Shapes stand in for what a run
-reads: the vocabulary size from the config (or the teacher's), a teacher's architecture from
-`teacher.checkpoint`'s config file or from a model preset, batches as ShapeDtypeStructs.
+This module is the planner's only link to the tasks. Pretraining and distillation stages come
+from `distill.task.design` (the part of `PretrainTask`'s setup that needs no inputs);
+fine-tuning's one stage is assembled from the pieces `finetune.task.FinetuneTask` builds it
+from (model config, optimizer, loss); the teacher-cache writer's forward is jitted as
+`distill.cache_writer` jits it. Every train step goes through `training.step.jit_train_step`,
+the step the loop compiles. Shapes stand in for what a run reads: the vocabulary size from the
+config (or the teacher's), a teacher's architecture from `teacher.checkpoint`'s config file, the
+model its pretraining recipe trains, or a model preset, and batches as ShapeDtypeStructs.
 
-A `Program.lower(mesh, global_batch, remat)` returns the lowered step; the planner compiles it
-for its devices, at the config's batch or at the batches `--fit` tries.
+A `Program.build(mesh, global_batch, remat)` returns the jitted step and its arguments as
+ShapeDtypeStructs; the planner lowers and compiles it for its devices, at the config's batch or
+at the batches `--fit` tries.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+from tokenizers import Tokenizer
 
 from mbert_jax import config_files
 from mbert_jax.data import BATCH_KEYS
-from mbert_jax.distill import schedule as schedule_lib
+from mbert_jax.data.tokenizer import parse_trained_vocab_size
 from mbert_jax.distill import teacher as teacher_lib
 from mbert_jax.distill import cache_config, cache_format, cache_writer
 from mbert_jax.distill import config as distill_config
@@ -42,7 +46,6 @@ from mbert_jax.training.workdir import is_mbert_workdir
 
 KINDS = ("pretraining", "layerwise", "transfer", "pd_online", "pd_cached", "finetune_glue",
          "finetune_squad", "cache_writer")
-GROUPS = ("run", "teacher", "finetune")  # the run's schedule, its teacher's, downstream
 DEFAULT_TEACHER = "ib_bert_large"        # configs/distill_mobilebert.py's default teacher
 TEACHER_RECIPE = os.path.join("configs", "ib_bert_large.py")  # how an IB-BERT teacher is made
 FINETUNE_SEQ = {"glue": 128, "squad": 384}
@@ -50,23 +53,26 @@ FINETUNE_SEQ = {"glue": 128, "squad": 384}
 BERT_VOCAB = 30522
 _PHASE_FAMILY = re.compile(r"^(.*?)(\d+)$")
 
-Lower = Callable[[Any, int, bool], Any]  # (mesh, global batch, remat) -> jax.stages.Lowered
+# (mesh, global batch, remat) -> (the jitted program, its arguments as ShapeDtypeStructs)
+Build = Callable[[Any, int, bool], tuple[Any, tuple]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-  """One compiled program of a run: a table row."""
+  """One compiled program of a run: a table row. `group`: 'run' (the config's own schedule),
+  'teacher' (the pretraining its teacher needs) or 'finetune' (the student downstream)."""
   name: str
   stage: str
-  kind: str
+  kind: str   # one of KINDS
   group: str
   seq: int
   global_batch: int
   grad_accum: int
   flops_per_example: float
-  lower: Lower
+  build: Build
   mesh_cfg: Any
   remat: bool
+  remat_field: str | None        # the config field that turns on rematerialisation, if any
   depth: int | None = None       # a layer-wise phase's depth
   note: str = ""
 
@@ -116,7 +122,6 @@ def _vocab_file_size(spec: str) -> int | None:
         return _vocab_file_size(os.path.join(path, name))
     return None
   if path.endswith(".json") and os.path.isfile(path):
-    from tokenizers import Tokenizer
     return Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as f:
@@ -128,7 +133,6 @@ def vocab_size(model_section, vocab_spec: str, teacher: ModelConfig | None = Non
                fallback: int | None = None) -> int:
   """The vocabulary a run's tokenizer will have, without building it: `model.vocab_size`, a
   trained size (`train:N`), a vocabulary file's, or the teacher's (`data.vocab=teacher`)."""
-  from mbert_jax.data.tokenizer import parse_trained_vocab_size
   given = int(model_section.get("vocab_size", -1))
   if given > 0:
     return given
@@ -207,20 +211,19 @@ def finetune_batch(mesh, batch: int, seq: int, info: ft.TaskInfo) -> dict:
   return out
 
 
-def _abstract_model(cfg: ModelConfig, mesh, rules, head: str = "pretraining", model=None):
-  """(module, ShapeDtypeStructs carrying their shardings, shardings) of a model's params."""
-  model = build(cfg) if model is None else model
-  _, abs_params, shardings = sharding.abstract_params(model, example_inputs(cfg, head), mesh,
-                                                      rules)
-  return model, sharding.with_shardings(abs_params, shardings), shardings
+def _abstract_model(cfg: ModelConfig, mesh, rules):
+  """(module, its params as ShapeDtypeStructs carrying their shardings), nothing allocated."""
+  model = build(cfg)
+  _, abs_params, shardings = sharding.abstract_params(model, example_inputs(cfg), mesh, rules)
+  return model, sharding.with_shardings(abs_params, shardings)
 
 
-def _lower_step(plan: StagePlan, config_train, abs_params, p_shardings, mesh, batch):
+def _step(plan: StagePlan, config_train, abs_params, p_shardings, mesh, batch):
   st_sh = state_shardings(p_shardings, plan.tx, abs_params, mesh)
   state = abstract_state(st_sh, abs_params, plan.tx)
   batch_sh = {k: v.sharding for k, v in batch.items()}
-  return jit_train_step(plan, int(config_train.seed), int(config_train.grad_accum_steps), st_sh,
-                        batch_sh, mesh).lower(state, plan.aux, batch)
+  return (jit_train_step(plan, int(config_train.seed), int(config_train.grad_accum_steps), st_sh,
+                         batch_sh, mesh), (state, plan.aux, batch))
 
 
 # ============================================================================ pretraining
@@ -241,39 +244,39 @@ class _Pretraining:
     rules = sharding.rules_from_config(self.config.mesh)
     t_params = None
     if self.t_cfg is not None:
-      _, t_params, _ = _abstract_model(self.t_cfg, mesh, rules)
+      _, t_params = _abstract_model(self.t_cfg, mesh, rules)
     return distill_task.design(self.config, self.stages, self.s_cfg.replace(remat=remat),
                                self.t_cfg, self.transfer, t_params, mesh, rules, cached_stage,
                                cache_config.cache_dir_of(self.config) or "(planned)")
 
-  def lower_stage(self, index: int, cached: bool) -> Lower:
-    def lower(mesh, batch: int, remat: bool):
+  def build_stage(self, index: int, cached: bool) -> Build:
+    def build(mesh, batch: int, remat: bool):
       d = self.design(mesh, remat, index if cached else None)
       shapes = pretraining_batch(mesh, batch, self.seq, self.preds)
       if cached:
         shapes.update(cached_targets(mesh, batch, self.preds,
                                      cache_config.cache_settings(self.config),
                                      d.student.vocab_size))
-      return _lower_step(d.plans[index], self.config.train, d.abstract_params,
-                         d.param_shardings, mesh, shapes)
-    return lower
+      return _step(d.plans[index], self.config.train, d.abstract_params, d.param_shardings,
+                   mesh, shapes)
+    return build
 
-  def lower_cache_writer(self, temperature: float) -> Lower:
+  def build_cache_writer(self, temperature: float) -> Build:
     """The teacher-cache writer's forward, jitted as `teacher_cache.write_cache` jits it."""
-    def lower(mesh, batch: int, remat: bool):
+    def build(mesh, batch: int, remat: bool):
       del remat  # a forward pass keeps no activations for a backward
       settings = cache_config.cache_settings(self.config)
-      teacher, t_params, _ = _abstract_model(self.t_cfg, mesh,
-                                             sharding.rules_from_config(self.config.mesh))
+      teacher, t_params = _abstract_model(self.t_cfg, mesh,
+                                          sharding.rules_from_config(self.config.mesh))
       rows_3d, rows_2d = sharding.batch_sharding(mesh, 3), sharding.batch_sharding(mesh, 2)
       fn = jax.jit(cache_writer.make_targets_fn(
           teacher, int(settings.k), temperature, settings.value_dtype,
           cache_format.index_dtype(self.t_cfg.vocab_size)),
           out_shardings=(rows_3d, rows_3d, rows_2d))
       shapes = pretraining_batch(mesh, batch, self.seq, self.preds)
-      return fn.lower(t_params, {k: shapes[k] for k in ("input_ids", "token_type_ids",
-                                                         "attention_mask", "masked_lm_positions")})
-    return lower
+      return fn, (t_params, {k: shapes[k] for k in ("input_ids", "token_type_ids",
+                                                      "attention_mask", "masked_lm_positions")})
+    return build
 
 
 def _stop_steps(stages, stop: int) -> list[int]:
@@ -286,10 +289,10 @@ def _stop_steps(stages, stop: int) -> list[int]:
   return out
 
 
-def _phase_family(stage, num_layers: int) -> str | None:
+def _phase_family(stage) -> str | None:
   """Layer-wise phases that differ only in depth share a family (`pkt_layer_`)."""
   m = _PHASE_FAMILY.match(stage.name)
-  if m and stage.num_layers is not None and stage.transfer_layers and 0 < stage.num_layers:
+  if m and stage.num_layers and stage.transfer_layers:
     return m.group(1)
   return None
 
@@ -312,12 +315,12 @@ def _pretraining_rows(p: _Pretraining, group: str, prefix: str, steps: list[int]
   c, L = p.config, p.s_cfg.num_hidden_layers
   batch, accum = int(c.data.batch_size), int(c.train.grad_accum_steps)
   common = dict(group=group, seq=p.seq, global_batch=batch, grad_accum=accum, mesh_cfg=c.mesh,
-                remat=bool(p.s_cfg.remat))
+                remat=bool(p.s_cfg.remat), remat_field="model.remat")
   rows: list[Program] = []
   sched: list[ScheduleEntry] = []
   families: dict[str, list[int]] = {}
   for i, s in enumerate(p.stages):
-    fam = _phase_family(s, L)
+    fam = _phase_family(s)
     if fam is not None:
       families.setdefault(fam, []).append(i)
   sampled = {}
@@ -332,12 +335,12 @@ def _pretraining_rows(p: _Pretraining, group: str, prefix: str, steps: list[int]
   flops = [plan.flops_per_example for plan in p.design(one, False, None).plans]
   cached_flops = {i: p.design(one, False, i).plans[i].flops_per_example for i in cacheable}
   for i, s in enumerate(p.stages):
-    fam = _phase_family(s, L)
+    fam = _phase_family(s)
     if fam is not None:
       picks = sampled[fam]
       if any(j == i for _, j in picks):
         rows.append(Program(name=prefix + s.name, stage=s.name, kind="layerwise",
-                            flops_per_example=flops[i], lower=p.lower_stage(i, False),
+                            flops_per_example=flops[i], build=p.build_stage(i, False),
                             depth=s.num_layers, **common))
         sched.append(ScheduleEntry(s.name, steps[i], group, (prefix + s.name,), (1.0,)))
       else:
@@ -350,16 +353,16 @@ def _pretraining_rows(p: _Pretraining, group: str, prefix: str, steps: list[int]
       continue
     if i in cacheable:
       online = Program(name=prefix + "pd_teacher_online", stage=s.name, kind="pd_online",
-                       flops_per_example=flops[i], lower=p.lower_stage(i, False), **common)
+                       flops_per_example=flops[i], build=p.build_stage(i, False), **common)
       cached = Program(name=prefix + "pd_teacher_cache", stage=s.name, kind="pd_cached",
-                       flops_per_example=cached_flops[i], lower=p.lower_stage(i, True),
+                       flops_per_example=cached_flops[i], build=p.build_stage(i, True),
                        note="teacher targets read from a cache", **common)
       writer = Program(name=prefix + "teacher_cache_writer", stage=s.name, kind="cache_writer",
                        flops_per_example=float(model_summary.forward_flops(
                            p.t_cfg, p.seq, None, p.preds, heads=True)),
-                       lower=p.lower_cache_writer(s.temperature),
+                       build=p.build_cache_writer(s.temperature),
                        note="python -m mbert_jax.teacher_cache: one teacher forward per step",
-                       **{**common, "grad_accum": 1})
+                       **{**common, "grad_accum": 1, "remat_field": None})
       rows += [online, cached, writer]
       if cache_dir:
         sched.append(ScheduleEntry(s.name, steps[i], group, (cached.name,), (1.0,)))
@@ -372,7 +375,7 @@ def _pretraining_rows(p: _Pretraining, group: str, prefix: str, steps: list[int]
             "transfer" if s.transfer_layers else "pd_online")
     name = prefix + (s.name if kind != "pd_online" or "pd" in s.name else f"pd_{s.name}")
     rows.append(Program(name=name, stage=s.name, kind=kind, flops_per_example=flops[i],
-                        lower=p.lower_stage(i, False), **common))
+                        build=p.build_stage(i, False), **common))
     sched.append(ScheduleEntry(s.name, steps[i], group, (name,), (1.0,)))
   return rows, sched
 
@@ -426,12 +429,13 @@ def _teacher_recipe(config, teacher_preset: str, recipe: str | None) -> tuple[An
 # ============================================================================ fine-tuning
 
 def _finetune_program(ft_config, info: ft.TaskInfo, m_cfg: ModelConfig, name: str, group: str,
-                      batch: int, steps: int, note: str = "") -> Program:
+                      batch: int, steps: int, remat_field: str | None,
+                      note: str = "") -> Program:
   seq = int(ft_config.data.max_seq_length)
   tc = ft_config.train
   opt_cfg = ft.optimizer_config(tc, total_steps=max(steps, 1), warmup_steps=0)
 
-  def lower(mesh, b: int, remat: bool):
+  def build(mesh, b: int, remat: bool):
     cfg = m_cfg.replace(remat=remat)
     model = ft.build_model(info, cfg, float(ft_config.finetune.classifier_dropout))
     abs_params, p_sh = ft.abstract_params(model, cfg, mesh,
@@ -439,15 +443,16 @@ def _finetune_program(ft_config, info: ft.TaskInfo, m_cfg: ModelConfig, name: st
     tx = optim.build_optimizer(opt_cfg, abs_params)
     plan = StagePlan(name="finetune", steps=max(steps, 1), tx=tx, loss=ft.make_loss(model, info),
                      learning_rate=lambda s: 0.0)
-    return _lower_step(plan, tc, sharding.with_shardings(abs_params, p_sh), p_sh, mesh,
-                       finetune_batch(mesh, b, seq, info))
+    return _step(plan, tc, sharding.with_shardings(abs_params, p_sh), p_sh, mesh,
+                 finetune_batch(mesh, b, seq, info))
 
   # The classifier / span head adds a few FLOPs per sequence; models.summary counts the
   # backbone, as the paper does.
   return Program(name=name, stage="finetune", kind=f"finetune_{info.kind}", group=group,
                  seq=seq, global_batch=batch, grad_accum=int(tc.grad_accum_steps),
-                 flops_per_example=3.0 * model_summary.forward_flops(m_cfg, seq), lower=lower,
-                 mesh_cfg=ft_config.mesh, remat=bool(m_cfg.remat), note=note)
+                 flops_per_example=3.0 * model_summary.forward_flops(m_cfg, seq), build=build,
+                 mesh_cfg=ft_config.mesh, remat=bool(m_cfg.remat), remat_field=remat_field,
+                 note=note)
 
 
 def _random_init(config) -> ml_collections.ConfigDict:
@@ -500,7 +505,8 @@ def _downstream(student: ModelConfig, run_config, num_devices: int) -> tuple[lis
       notes.append(f"finetune_{kind}: {note}")
       batch = raised
     c.data.batch_size = batch
-    rows.append(_finetune_program(c, info, m_cfg, f"finetune_{kind}", "finetune", batch, 0, note))
+    rows.append(_finetune_program(c, info, m_cfg, f"finetune_{kind}", "finetune", batch, 0,
+                                  None, note))
   return rows, notes
 
 
@@ -524,8 +530,10 @@ def programs_for(config: ml_collections.ConfigDict, num_devices: int, *,
     m_cfg = _finetune_model(config)
     steps = int(config.train.steps) if int(config.train.steps) > 0 else 0
     name = f"finetune_{info.kind}"
+    # With an initial checkpoint its own config (not `model`) sets the architecture.
+    remat_field = None if str(config.init.checkpoint or "") else "model.remat"
     prog = _finetune_program(config, info, m_cfg, name, "run", int(config.data.batch_size),
-                             steps)
+                             steps, remat_field)
     notes = [] if steps else ["fine-tuning steps follow the dataset size (train.epochs), which "
                               "the planner does not read: set train.steps to schedule them"]
     return RunPrograms([prog], [ScheduleEntry(info.name, steps, "run", (name,), (1.0,))], notes)
