@@ -5,8 +5,10 @@ layers (a `lax.scan`): every figure here weighs each computation by how often on
 it, the trip counts of the loops that call it multiplied out.
 
 Two figures come out: the collectives (count and bytes, by kind) and an estimate of the bytes
-the program moves through device memory (every instruction outside a fusion reads its operands
-and writes its result once; buffers the compiler placed in on-chip memory are left out).
+the program moves through device memory: every instruction outside a fusion reads its operands
+and writes its result once, except that slicing one layer out of a stacked buffer reads only
+the slice and an in-place update writes only the update (also inside a fusion); buffers the
+compiler placed in on-chip memory are left out.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ _STRUCTURAL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                "all-gather-done", "all-reduce-done", "collective-permute-done", "add-dependency",
                "send-done", "recv-done", "domain"}
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?(%[\w.\-]+)\s")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?(%[\w.\-]+)\s*=\s*(.*)$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?(%[\w.\-]+)\s*=\s*(.*)$")
 _ARRAY = re.compile(r"\b(pred|[sucf]\d+|bf16|f8\w*)\[([\d,]*)\](\{[^}]*\})?")
 _NAME = re.compile(r"%[\w.\-]+")
 _CALLS = re.compile(r"\b(calls|body|condition|branch_computations|true_computation)=")
@@ -65,6 +67,7 @@ class _Instruction:
   args: str   # the text between the opcode's parentheses (a constant's value)
   attrs: str
   callees: tuple[tuple[str, str], ...]  # (computation, how: calls | body | condition | branch)
+  root: bool = False
 
 
 def _array_bytes(text: str, hbm_only: bool = False) -> float:
@@ -94,7 +97,7 @@ def _instruction(line: str) -> _Instruction | None:
   m = _INSTRUCTION.match(line)
   if not m:
     return None
-  type_, rest = _split_type(m.group(2))
+  type_, rest = _split_type(m.group(3))
   op = re.match(r"([\w\-]+)\(", rest)
   if not op:
     return None
@@ -108,8 +111,8 @@ def _instruction(line: str) -> _Instruction | None:
         end = i
         break
   args, attrs = rest[op.end():end], rest[end + 1:]
-  return _Instruction(m.group(1), type_, op.group(1), tuple(_NAME.findall(args)), args, attrs,
-                      tuple(_callees(attrs)) if _CALLS.search(attrs) else ())
+  return _Instruction(m.group(2), type_, op.group(1), tuple(_NAME.findall(args)), args, attrs,
+                      tuple(_callees(attrs)) if _CALLS.search(attrs) else (), bool(m.group(1)))
 
 
 def computations(text: str) -> tuple[str, dict[str, list[_Instruction]]]:
@@ -213,6 +216,67 @@ def _collective_kind(opcode: str) -> str | None:
   return base if base in KINDS else None
 
 
+_SLICES = ("dynamic-slice", "slice", "gather")
+
+
+def _fusion_access(name: str, comps, size, memo: dict) -> tuple[dict[int, float], float | None]:
+  """What fused computation `name` really moves: ({parameter index: bytes read} for the
+  parameters it only slices (one layer of a stacked buffer, also inside a nested fusion) or
+  updates in place, bytes written when its result is an in-place update of a slice (None: the
+  whole result))."""
+  if name in memo:
+    return memo[name]
+  body = comps.get(name, [])
+  by_name = {ins.name: ins for ins in body}
+  users: dict[str, list[tuple[_Instruction, int]]] = {}
+  for ins in body:
+    for j, o in enumerate(ins.operands):
+      users.setdefault(o, []).append((ins, j))
+
+  def partial_read(value: str) -> float | None:
+    """Bytes read from `value` when every use takes only a part of it; None: all of it."""
+    total = 0.0
+    for u, j in users.get(value, []):
+      if u.opcode == "bitcast":
+        part = partial_read(u.name)
+      elif u.opcode in _SLICES and j == 0:
+        part = size(u.name)
+      elif u.opcode == "dynamic-update-slice" and j == 0:
+        part = 0.0  # the buffer updated in place
+      elif u.opcode == "fusion" and u.callees:
+        part = _fusion_access(u.callees[0][0], comps, size, memo)[0].get(j)
+      else:
+        part = None
+      if part is None:
+        return None
+      total += part
+    return total if users.get(value) else None
+
+  reads = {}
+  for ins in body:
+    if ins.opcode == "parameter" and ins.args.strip().isdigit():
+      part = partial_read(ins.name)
+      if part is not None:
+        reads[int(ins.args)] = part
+
+  def written(ins: _Instruction | None) -> float | None:
+    """Bytes the value `ins` writes: a slice for an in-place update, else all of it."""
+    start = ins
+    while ins is not None and ins.opcode == "bitcast":
+      ins = by_name.get(ins.operands[0])
+    if ins is None:
+      return None
+    if ins.opcode == "dynamic-update-slice":
+      return size(ins.operands[1])
+    if ins.opcode == "tuple":
+      parts = [written(by_name.get(o)) for o in ins.operands]
+      return None if any(p is None for p in parts) else sum(parts)
+    return size(start.name)
+
+  memo[name] = (reads, written(next((ins for ins in body if ins.root), None)))
+  return memo[name]
+
+
 def analyse(text: str, num_devices: int) -> ProgramTraffic:
   """Collectives and memory traffic of one step of the compiled program `text`."""
   entry, comps = computations(text)
@@ -225,6 +289,22 @@ def analyse(text: str, num_devices: int) -> ProgramTraffic:
       t = types.get(name, "")
       sizes[name] = (_array_bytes(t), _array_bytes(t, hbm_only=True))
     return sizes[name]
+
+  access: dict[str, tuple[dict[int, float], float | None]] = {}
+
+  def _moved(ins: _Instruction) -> float:
+    """Device-memory bytes one execution of `ins` reads and writes."""
+    hbm = lambda n: size(n)[1]
+    reads = [hbm(o) for o in ins.operands]
+    write: float | None = None
+    if ins.opcode in _SLICES and reads:
+      reads[0] = hbm(ins.name)  # reads the slice it returns
+    elif ins.opcode == "dynamic-update-slice" and len(reads) > 1:
+      reads[0], write = 0.0, reads[1]
+    elif ins.opcode == "fusion" and ins.callees:
+      partial, write = _fusion_access(ins.callees[0][0], comps, hbm, access)
+      reads = [partial.get(i, r) for i, r in enumerate(reads)]
+    return sum(reads) + (hbm(ins.name) if write is None else write)
 
   out = {k: Collective() for k in KINDS}
   memory = 0.0
@@ -248,5 +328,5 @@ def analyse(text: str, num_devices: int) -> ProgramTraffic:
         c.link_bytes += times * full * (_LINK_FACTOR[kind](n) if n > 1 else 0.0)
       if name in fused or ins.opcode in _STRUCTURAL or ins.opcode.endswith("-done"):
         continue
-      memory += times * (size(ins.name)[1] + sum(size(o)[1] for o in ins.operands))
+      memory += times * _moved(ins)
   return ProgramTraffic(out, memory)

@@ -33,8 +33,8 @@ from mbert_jax.training import sharding
 
 BYTE_FIELDS = ("arguments", "outputs", "temporaries", "donated", "total")
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-# Meshes tried, in this order, for a program that does not fit: every device an fsdp shard
-# (parameters, gradients and optimizer state split across all of them), then fsdp and tensor.
+# The mesh `suggestion` tries for a program that does not fit: every device an fsdp shard
+# (parameters, gradients and optimizer state split across all of them).
 _FSDP = {"data": 1, "fsdp": -1, "tensor": 1}
 
 
