@@ -98,6 +98,16 @@ def make_targets_fn(teacher_model, k: int, temperature: float, value_dtype: str,
   return targets
 
 
+def jit_targets_fn(teacher_model, k: int, temperature: float, value_dtype: str, idx_dtype,
+                   mesh, rules):
+  """`make_targets_fn` compiled over `mesh`, as the writer runs it and the planner plans it.
+  Outputs keep the batch's row sharding, so each process can take exactly its own rows."""
+  rows_3d, rows_2d = sharding.batch_sharding(mesh, 3), sharding.batch_sharding(mesh, 2)
+  return jax.jit(sharding.under_rules(make_targets_fn(teacher_model, k, temperature,
+                                                      value_dtype, idx_dtype), mesh, rules),
+                 out_shardings=(rows_3d, rows_3d, rows_2d))
+
+
 def records_from(values: np.ndarray, indices: np.ndarray, normalizer: np.ndarray,
                   digests: np.ndarray, rec: np.dtype) -> np.ndarray:
   records = np.empty(len(digests), rec)
@@ -223,11 +233,8 @@ def _teacher_targets_fn(config, header: dict, temperature: float, teacher_step: 
   if header["k"] > pipe.vocab_size:
     raise ValueError(f"teacher_cache.k = {header['k']} exceeds the vocabulary "
                      f"({pipe.vocab_size})")
-  # Outputs keep the batch's row sharding, so each process can take exactly its own rows.
-  rows_3d, rows_2d = sharding.batch_sharding(mesh, 3), sharding.batch_sharding(mesh, 2)
-  fn = jax.jit(make_targets_fn(build(t_cfg), header["k"], temperature,
-                               header["value_dtype"], np.dtype(header["index_dtype"])),
-               out_shardings=(rows_3d, rows_3d, rows_2d))
+  fn = jit_targets_fn(build(t_cfg), header["k"], temperature, header["value_dtype"],
+                      np.dtype(header["index_dtype"]), mesh, rules)
   return fn, t_params, mesh
 
 

@@ -156,7 +156,8 @@ class PretrainTask:
                cache.directory if cache is not None else None)
     # Teacher accuracy and agreement only mean something for a teacher with a trained MLM head.
     eval_teacher = build(t_cfg) if teacher is not None and teacher.has_mlm_head else None
-    eval_fn = jax.jit(objective.make_eval_step(build(s_cfg), eval_teacher))
+    eval_fn = jax.jit(sharding.under_rules(objective.make_eval_step(build(s_cfg), eval_teacher),
+                                           mesh, rules))
 
     def init_params():
       params, _ = sharding.init_params(build(s_cfg), example_inputs(s_cfg), c.train.seed, mesh,

@@ -116,7 +116,8 @@ class FinetuneTask:
     lr_fn = optim.lr_schedule_from_config(opt_cfg)
     eval_sh = {k: sharding.batch_sharding(mesh, 2) for k in ("input_ids", "token_type_ids",
                                                               "attention_mask")}
-    predict_fn = jax.jit(make_predict(model, info), in_shardings=(p_shardings, eval_sh),
+    predict_fn = jax.jit(sharding.under_rules(make_predict(model, info), mesh, rules),
+                         in_shardings=(p_shardings, eval_sh),
                          out_shardings=sharding.replicated(mesh))
     plan = StagePlan(
         name="finetune", steps=total, tx=optim.build_optimizer(opt_cfg, abs_params),

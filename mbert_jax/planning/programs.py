@@ -218,12 +218,13 @@ def _abstract_model(cfg: ModelConfig, mesh, rules):
   return model, sharding.with_shardings(abs_params, shardings)
 
 
-def _step(plan: StagePlan, config_train, abs_params, p_shardings, mesh, batch):
+def _step(plan: StagePlan, config, abs_params, p_shardings, mesh, batch):
   st_sh = state_shardings(p_shardings, plan.tx, abs_params, mesh)
   state = abstract_state(st_sh, abs_params, plan.tx)
   batch_sh = {k: v.sharding for k, v in batch.items()}
-  return (jit_train_step(plan, int(config_train.seed), int(config_train.grad_accum_steps), st_sh,
-                         batch_sh, mesh), (state, plan.aux, batch))
+  return (jit_train_step(plan, int(config.train.seed), int(config.train.grad_accum_steps), st_sh,
+                         batch_sh, mesh, sharding.rules_from_config(config.mesh)),
+          (state, plan.aux, batch))
 
 
 # ============================================================================ pretraining
@@ -257,7 +258,7 @@ class _Pretraining:
         shapes.update(cached_targets(mesh, batch, self.preds,
                                      cache_config.cache_settings(self.config),
                                      d.student.vocab_size))
-      return _step(d.plans[index], self.config.train, d.abstract_params, d.param_shardings,
+      return _step(d.plans[index], self.config, d.abstract_params, d.param_shardings,
                    mesh, shapes)
     return build
 
@@ -266,13 +267,11 @@ class _Pretraining:
     def build(mesh, batch: int, remat: bool):
       del remat  # a forward pass keeps no activations for a backward
       settings = cache_config.cache_settings(self.config)
-      teacher, t_params = _abstract_model(self.t_cfg, mesh,
-                                          sharding.rules_from_config(self.config.mesh))
-      rows_3d, rows_2d = sharding.batch_sharding(mesh, 3), sharding.batch_sharding(mesh, 2)
-      fn = jax.jit(cache_writer.make_targets_fn(
-          teacher, int(settings.k), temperature, settings.value_dtype,
-          cache_format.index_dtype(self.t_cfg.vocab_size)),
-          out_shardings=(rows_3d, rows_3d, rows_2d))
+      rules = sharding.rules_from_config(self.config.mesh)
+      teacher, t_params = _abstract_model(self.t_cfg, mesh, rules)
+      fn = cache_writer.jit_targets_fn(teacher, int(settings.k), temperature,
+                                       settings.value_dtype,
+                                       cache_format.index_dtype(self.t_cfg.vocab_size), mesh, rules)
       shapes = pretraining_batch(mesh, batch, self.seq, self.preds)
       return fn, (t_params, {k: shapes[k] for k in ("input_ids", "token_type_ids",
                                                       "attention_mask", "masked_lm_positions")})
@@ -443,7 +442,7 @@ def _finetune_program(ft_config, info: ft.TaskInfo, m_cfg: ModelConfig, name: st
     tx = optim.build_optimizer(opt_cfg, abs_params)
     plan = StagePlan(name="finetune", steps=max(steps, 1), tx=tx, loss=ft.make_loss(model, info),
                      learning_rate=lambda s: 0.0)
-    return _step(plan, tc, sharding.with_shardings(abs_params, p_sh), p_sh, mesh,
+    return _step(plan, ft_config, sharding.with_shardings(abs_params, p_sh), p_sh, mesh,
                  finetune_batch(mesh, b, seq, info))
 
   # The classifier / span head adds a few FLOPs per sequence; models.summary counts the

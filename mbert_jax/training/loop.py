@@ -160,8 +160,9 @@ def _compile_stage(r: _Run, plan: StagePlan, state: TrainState, batch, st_sh):
   # Nothing in flight while compiling: on XLA:CPU a sharded program still running its
   # collectives next to a compile can starve the shared thread pool and deadlock.
   jax.block_until_ready((state, plan.aux, batch))
-  return jit_train_step(plan, int(tc.seed), int(tc.grad_accum_steps), st_sh, batch_sh,
-                        r.mesh).lower(state, plan.aux, batch).compile()
+  return jit_train_step(plan, int(tc.seed), int(tc.grad_accum_steps), st_sh, batch_sh, r.mesh,
+                        sharding.rules_from_config(r.task.config.mesh)
+                        ).lower(state, plan.aux, batch).compile()
 
 
 def _log_step(r: _Run, plan: StagePlan, idx: int, stage_start: int, step: int, state, out,

@@ -8,9 +8,10 @@ vocabulary (30,522) divides by nothing useful.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -112,6 +113,17 @@ def tree_shardings(logical_spec_tree, abstract_tree, mesh: Mesh, rules) -> Any:
   return jax.tree_util.tree_map_with_path(
       one, logical_spec_tree, abstract_tree,
       is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def under_rules(fn: Callable, mesh: Mesh, rules) -> Callable:
+  """`fn` traced with `mesh`'s axes and the logical rules in scope, so the models' activation
+  constraints (`models.mobilebert.batch_sharded`) bind: every program jitted over a mesh goes
+  through this. (`jax.set_mesh` cannot be entered inside a trace; the abstract mesh can.)"""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

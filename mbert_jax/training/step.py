@@ -52,12 +52,12 @@ def make_train_step(plan: StagePlan, seed: int, grad_accum: int) -> Callable:
 
 
 def jit_train_step(plan: StagePlan, seed: int, grad_accum: int, state_shardings, batch_shardings,
-                   mesh):
+                   mesh, rules):
   """The step as the loop compiles it (and the planner, for a machine it is not on): sharded
   in and out, the state donated. Lower it with a state, the stage's aux and a batch (concrete
   arrays or ShapeDtypeStructs)."""
   aux_shardings = jax.tree.map(lambda a: a.sharding, plan.aux)
-  return jax.jit(make_train_step(plan, seed, grad_accum),
+  return jax.jit(sharding.under_rules(make_train_step(plan, seed, grad_accum), mesh, rules),
                  in_shardings=(state_shardings, aux_shardings, batch_shardings),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=(0,))
