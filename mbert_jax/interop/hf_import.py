@@ -1,8 +1,14 @@
-"""Hugging Face import: MobileBERT and BERT-family encoder directories as a ModelConfig and a
-Flax parameter tree.
+"""Hugging Face import: MobileBERT, BERT-family, ModernBERT and EuroBERT encoder directories as
+a config and a Flax parameter tree.
 
-    cfg, params = load("path/to/hf_dir")          # MobileBert*/Bert* (pre-training or bare)
+    cfg, params = load("path/to/hf_dir")          # MobileBert*/Bert* (pre-training or bare),
+                                                   # ModernBert*/EuroBert* (MLM or bare)
     imported = import_model("path/to/hf_dir")      # the same, plus layout and which heads are real
+
+A ModernBERT or EuroBERT directory gives a `ModernConfig` (built by
+`mbert_jax.models.modern.build_modern`), the others a `ModelConfig`. ModernBERT's fused
+`Wqkv` and `Wi` keep their parts on an axis of their own ([H, 3, heads*head_dim], [H, 2, I]),
+and the attention norm its layer 0 lacks is stored as the identity (the model bypasses it).
 
 Import keeps Hugging Face semantics: `hidden_act="gelu"` stays the exact erf form, and a
 MobileBERT import sets `hf_layer_norm_eps_quirk` because Hugging Face builds the embedding
@@ -28,20 +34,21 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 from flax import traverse_util
 
-from mbert_jax.interop.hf_names import (CONFIG_NAME, SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME,
-                                        SENTENCE_TRANSFORMERS_MODULES, TORCH_INDEX_NAME,
-                                        TORCH_NAME, Entry, entries, is_head, layout_name,
-                                        placeholders)
+from mbert_jax.interop.hf_names import (CONFIG_NAME, FAMILIES, SAFETENSORS_INDEX_NAME,
+                                        SAFETENSORS_NAME, SENTENCE_TRANSFORMERS_MODULES,
+                                        SUPPORTED_MODEL_TYPES, TORCH_INDEX_NAME, TORCH_NAME,
+                                        entries, is_head, layout_name, placeholders, tied_keys)
 from mbert_jax.models import build
+from mbert_jax.models import modern_config
 from mbert_jax.models.config import ModelConfig, from_hf_config
+from mbert_jax.models.modern import build_modern
+from mbert_jax.models.modern_config import ModernConfig
 from mbert_jax.models.summary import param_shapes
 
 # Non-persistent buffers that old checkpoints still contain; they hold no learned state.
 _BUFFER_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
 # Seed for heads a headless checkpoint lacks: fixed so two imports of one directory agree.
 FRESH_INIT_SEED = 0
-# Probe for the backbone: every BERT-family checkpoint has the word table.
-_PROBE = "embeddings.word_embeddings.weight"
 
 
 # ---------------------------------------------------------------------------- reading
@@ -158,10 +165,9 @@ def _infer_model_type(hf_cfg: Mapping[str, Any], tensor_names: Callable[[], Iter
                       where: Path) -> str:
   """Old BERT config.json files predate `model_type`: go by architectures, then key names."""
   for arch in hf_cfg.get("architectures") or ():
-    if arch.startswith("MobileBert"):
-      return "mobilebert"
-    if arch.startswith("Bert"):
-      return "bert"
+    for model_type, family in FAMILIES.items():
+      if arch.startswith(family.classes):
+        return model_type
   names = list(tensor_names())
   if any(k.startswith("mobilebert.") or ".bottleneck." in k for k in names):
     return "mobilebert"
@@ -188,21 +194,34 @@ def model_dir(d: Path) -> Path:
 
 
 def read_config(d: Path, tensor_names: Callable[[], Iterable[str]] | None = None
-                ) -> tuple[ModelConfig, str]:
-  """The validated ModelConfig of the model directory `d` (see `model_dir`) and its family,
-  'bert' or 'mobilebert'. A config.json without `model_type` is told apart by `architectures`,
-  else by the tensor names (`tensor_names()`; by default read from the weights' header)."""
+                ) -> tuple[ModelConfig | ModernConfig, str]:
+  """The validated config of the model directory `d` (see `model_dir`) and its family, a key
+  of `hf_names.FAMILIES` ('bert', 'mobilebert': a ModelConfig; 'modernbert', 'eurobert': a
+  ModernConfig). A config.json without `model_type` is told apart by `architectures`, else by
+  the tensor names (`tensor_names()`; by default read from the weights' header)."""
   where = d / CONFIG_NAME
   hf_cfg = json.loads(where.read_text())
   if "model_type" not in hf_cfg:
     names = tensor_names or (lambda: _tensor_names(d))
     hf_cfg["model_type"] = _infer_model_type(hf_cfg, names, where)
+  model_type = hf_cfg["model_type"]
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"{where}: model_type {model_type!r} is not supported; supported model "
+                     f"types: {', '.join(SUPPORTED_MODEL_TYPES)}")
   _hf_config_checks(hf_cfg, where)
   try:
-    cfg = from_hf_config(hf_cfg)
-  except ValueError as e:  # a model_type of another family: name the file
+    if model_type in modern_config.FAMILIES:
+      cfg = modern_config.from_hf_config(hf_cfg)
+    else:
+      cfg = from_hf_config(hf_cfg)
+    cfg = cfg.validate()
+  except ValueError as e:  # name the file
     raise ValueError(f"{where}: {e}") from e
-  return cfg.validate(), "bert" if hf_cfg["model_type"] == "bert" else "mobilebert"
+  return cfg, model_type
+
+
+def _build(cfg: ModelConfig | ModernConfig):
+  return build_modern(cfg) if isinstance(cfg, ModernConfig) else build(cfg)
 
 
 # ---------------------------------------------------------------------------- import
@@ -215,7 +234,7 @@ def _fresh_params(cfg: ModelConfig, paths: tuple[str, ...]) -> dict[str, np.ndar
   import jax
   import jax.numpy as jnp
 
-  model = build(cfg)
+  model = _build(cfg)
   ids = jnp.zeros((1, 2), jnp.int32)
 
   def init(key):
@@ -226,22 +245,18 @@ def _fresh_params(cfg: ModelConfig, paths: tuple[str, ...]) -> dict[str, np.ndar
   return {k: np.asarray(v) for k, v in jax.jit(init)(jax.random.key(FRESH_INIT_SEED)).items()}
 
 
-def _expected_hf_shape(entry: Entry, ours_shape: tuple[int, ...]) -> tuple[int, ...]:
-  shape = ours_shape[1:] if entry.layered else ours_shape
-  return tuple(reversed(shape)) if entry.transpose else tuple(shape)
-
-
 @dataclasses.dataclass(frozen=True)
 class Imported:
   """A Hugging Face directory as `import_model` found it.
 
   `layout` names what the tensors hold, whatever `architectures` says: `BertForPreTraining`
   (MLM + NSP heads), `BertForMaskedLM` (MLM head only), `BertModel` (bare encoder, as
-  sentence-encoder packages ship it), or the `MobileBert...` equivalents. Heads the file lacks
+  sentence-encoder packages ship it), the `MobileBert...` equivalents, or `ModernBertForMaskedLM`,
+  `ModernBertModel`, `EuroBertForMaskedLM`, `EuroBertModel` (no NSP head). Heads the file lacks
   are still in `params` (initialised fresh, so the model can run), but listed in `fresh` and
   reported by `has_mlm_head` / `has_nsp_head`: a caller must not treat them as trained.
   """
-  config: ModelConfig
+  config: ModelConfig | ModernConfig
   params: dict[str, Any]
   layout: str
   has_mlm_head: bool
@@ -254,24 +269,32 @@ class Imported:
 
 
 def _backbone_prefix(sd: Mapping[str, Any], base: str, where: str) -> str:
-  """'bert.' / 'mobilebert.' (task models) or '' (bare encoders); ValueError otherwise."""
-  for prefix in (base + ".", ""):
-    if prefix + _PROBE in sd:
+  """'bert.' / 'mobilebert.' / 'model.' (task models) or '' (bare encoders); ValueError
+  otherwise."""
+  family = FAMILIES[base]
+  probe = family.probe
+  for prefix in (family.prefix + ".", ""):
+    if prefix + probe in sd:
       return prefix
   starts: dict[str, int] = {}
   for key in sd:
     head = key.split(".", 1)[0] + "."
     starts[head] = starts.get(head, 0) + 1
   seen = ", ".join(f"{k} ({n})" for k, n in sorted(starts.items(), key=lambda kv: -kv[1])[:8])
+  layouts = ([layout_name(base, True, False), layout_name(base, False, False)]
+             if base in modern_config.FAMILIES else
+             [layout_name(base, True, True), layout_name(base, True, False),
+              layout_name(base, False, False)])
   raise ValueError(
-      f"{where}: unknown checkpoint layout: neither {base}.{_PROBE} nor {_PROBE} is present. "
-      f"Readable layouts: {layout_name(base, True, True)}, {layout_name(base, True, False)}, "
-      f"{layout_name(base, False, False)} (backbone names with or without the `{base}.` "
-      f"prefix). The file's tensor names start with: {seen or 'nothing (empty file)'}")
+      f"{where}: unknown checkpoint layout: neither {family.prefix}.{probe} nor {probe} is "
+      f"present. Readable layouts: {', '.join(layouts)} (backbone names with or without the "
+      f"`{family.prefix}.` prefix). The file's tensor names start with: "
+      f"{seen or 'nothing (empty file)'}")
 
 
-def load(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
-  """Imports a Hugging Face MobileBERT or BERT directory: (config, params).
+def load(path: str | os.PathLike) -> tuple[ModelConfig | ModernConfig, dict[str, Any]]:
+  """Imports a Hugging Face MobileBERT, BERT, ModernBERT or EuroBERT directory: (config,
+  params).
 
   The layouts of `import_model`; returns only its config and parameters (headless files get
   fresh heads, named in a warning). Use `import_model` to learn which heads were real.
@@ -280,7 +303,8 @@ def load(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
   return imported.config, imported.params
 
 
-def _table_tensors(cfg: ModelConfig, sd: Mapping[str, np.ndarray], prefix: str, where: str
+def _table_tensors(cfg: ModelConfig | ModernConfig, sd: Mapping[str, np.ndarray], prefix: str,
+                   where: str
                    ) -> tuple[dict[str, np.ndarray], set[str], list[tuple[str, Any]]]:
   """Our flattened params from the table's tensors, the file keys used, and the head/pooler
   tensors the file lacks; ValueError naming mis-shaped or missing backbone tensors."""
@@ -292,11 +316,14 @@ def _table_tensors(cfg: ModelConfig, sd: Mapping[str, np.ndarray], prefix: str, 
   used: set[str] = set()
   missing_backbone, missing_fresh, misshaped = [], [], []
   for entry in entries(cfg):
-    want = _expected_hf_shape(entry, shapes[entry.ours])
+    want = entry.hf_shape(shapes[entry.ours])
     keys = ([file_key(entry.hf.format(i=i)) for i in range(cfg.num_hidden_layers)]
             if entry.layered else [file_key(entry.hf)])
     tensors = []
-    for key in keys:
+    for i, key in enumerate(keys):
+      if entry.layered and i < entry.from_layer:
+        tensors.append(entry.identity(shapes[entry.ours]))
+        continue
       t = sd.get(key)
       if t is None:
         (missing_backbone if entry.part == "backbone" else missing_fresh).append((key, want))
@@ -305,11 +332,10 @@ def _table_tensors(cfg: ModelConfig, sd: Mapping[str, np.ndarray], prefix: str, 
       if tuple(t.shape) != want:
         misshaped.append((key, want, tuple(t.shape)))
         continue
-      tensors.append(t.astype(np.float32, copy=False))
+      tensors.append(entry.to_ours(t.astype(np.float32, copy=False)))
     if len(tensors) != len(keys):
       continue
-    arr = np.stack([t.T if entry.transpose else t for t in tensors]) if entry.layered else (
-        tensors[0].T if entry.transpose else tensors[0])
+    arr = np.stack(tensors) if entry.layered else tensors[0]
     flat[entry.ours] = np.ascontiguousarray(arr)
 
   if misshaped:
@@ -327,19 +353,23 @@ def _table_tensors(cfg: ModelConfig, sd: Mapping[str, np.ndarray], prefix: str, 
   return flat, used, missing_fresh
 
 
-def _tied_tensors(cfg: ModelConfig, sd: Mapping[str, np.ndarray], flat: dict[str, np.ndarray],
-                  used: set[str], missing_fresh: list[tuple[str, Any]], where: str
-                  ) -> list[tuple[str, Any]]:
+def _tied_tensors(cfg: ModelConfig | ModernConfig, sd: Mapping[str, np.ndarray],
+                  flat: dict[str, np.ndarray], used: set[str],
+                  missing_fresh: list[tuple[str, Any]], where: str) -> list[tuple[str, Any]]:
   """Checks the tied output embeddings some savers write, takes the MLM bias from the decoder
   when only it carries one; returns the head tensors still missing."""
   # They must equal what they are tied to.
-  tied = {"cls.predictions.decoder.weight": "embeddings/word_embeddings/embedding"}
-  for key, ours in tied.items():
+  for key, ours in tied_keys(cfg).items():
     if key in sd:
       used.add(key)
       if not np.array_equal(sd[key].astype(np.float32), flat[ours]):
-        raise ValueError(f"{where}: {key} differs from the word embeddings; untied output "
-                         "embeddings cannot be represented (the MLM decoder reuses the table)")
+        untied = ("set tie_word_embeddings=false in config.json if the checkpoint's output "
+                  "embeddings are its own" if isinstance(cfg, ModernConfig) else
+                  "untied output embeddings cannot be represented (the MLM decoder reuses "
+                  "the table)")
+        raise ValueError(f"{where}: {key} differs from the word embeddings; {untied}")
+  if isinstance(cfg, ModernConfig):
+    return missing_fresh
   bias_key = "cls.predictions.decoder.bias"
   if bias_key in sd:
     used.add(bias_key)
@@ -350,7 +380,7 @@ def _tied_tensors(cfg: ModelConfig, sd: Mapping[str, np.ndarray], flat: dict[str
   return missing_fresh
 
 
-def _fill_fresh(cfg: ModelConfig, flat: dict[str, np.ndarray],
+def _fill_fresh(cfg: ModelConfig | ModernConfig, flat: dict[str, np.ndarray],
                 missing_fresh: list[tuple[str, Any]], where: str) -> tuple[str, ...]:
   """Initialises the heads and pooler the file lacks (named in a warning); returns their
   paths. AssertionError when the table misses a backbone parameter of the model."""
@@ -371,12 +401,14 @@ def _fill_fresh(cfg: ModelConfig, flat: dict[str, np.ndarray],
 
 
 def import_model(path: str | os.PathLike) -> Imported:
-  """Imports a Hugging Face MobileBERT or BERT-family encoder directory.
+  """Imports a Hugging Face MobileBERT, BERT-family, ModernBERT or EuroBERT encoder directory.
 
   Accepts `BertForPreTraining`, `BertForMaskedLM`, bare `BertModel` and MobileBERT
-  (`MobileBertForPreTraining`/`MobileBertModel`) checkpoints, backbone keys with or without the
-  `bert.`/`mobilebert.` prefix, as model.safetensors or pytorch_model.bin (single or sharded),
-  and sentence-transformers directories. Parameters are a float32 numpy tree shaped as
+  (`MobileBertForPreTraining`/`MobileBertModel`) checkpoints, `ModernBertForMaskedLM`,
+  `ModernBertModel`, `EuroBertForMaskedLM` and `EuroBertModel`, backbone keys with or without
+  the `bert.`/`mobilebert.`/`model.` prefix, as model.safetensors or pytorch_model.bin (single
+  or sharded), and sentence-transformers directories. Any other model_type is refused in one
+  line naming it and the supported ones. Parameters are a float32 numpy tree shaped as
   `nn.unbox(model.init(...)['params'])`, encoder layers stacked on a leading axis.
 
   Heads (and the pooler) a headless directory lacks are initialised fresh with seed
@@ -414,12 +446,15 @@ def import_model(path: str | os.PathLike) -> Imported:
   if extra:  # the table and the model disagree: a bug here, not in the checkpoint
     raise AssertionError(f"mbert_jax.interop.hf_names maps to unknown parameters {sorted(extra)}")
   tree = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+  modern = isinstance(cfg, ModernConfig)
   has_mlm = not any(p.startswith("cls/predictions/") for p in absent)
-  has_nsp = not any(p.startswith("cls/seq_relationship/") for p in absent)
+  # These families have neither an NSP head nor a pooler.
+  has_nsp = not modern and not any(p.startswith("cls/seq_relationship/") for p in absent)
+  has_pooler = (not modern and cfg.classifier_activation
+                and not any(p.startswith("pooler/") for p in absent))
   return Imported(
       config=cfg, params=tree, layout=layout_name(base, has_mlm, has_nsp),
-      has_mlm_head=has_mlm, has_nsp_head=has_nsp,
-      has_pooler=cfg.classifier_activation and not any(p.startswith("pooler/") for p in absent),
+      has_mlm_head=has_mlm, has_nsp_head=has_nsp, has_pooler=has_pooler,
       fresh=absent, source=where, directory=str(d))
 
 

@@ -1,7 +1,10 @@
-"""The MobileBERT model family: one configuration schema, one Flax module."""
+"""The MobileBERT model family: one configuration schema, one Flax module; and the pre-norm
+rotary teachers (ModernBERT, EuroBERT): `ModernConfig`, `ModernEncoder`, `build_modern`."""
 
 from mbert_jax.models.config import PRESETS, ModelConfig, from_hf_config, preset, to_hf_config
 from mbert_jax.models.mobilebert import MobileBert, ModelOutput, SequenceClassifier, SpanExtractor
+from mbert_jax.models.modern import ModernEncoder, build_modern
+from mbert_jax.models.modern_config import MODERN_PRESETS, ModernConfig, modern_preset
 
 
 import jax.numpy as jnp
@@ -15,8 +18,11 @@ def _config(model_config) -> ModelConfig:
   return model_config.validate()
 
 
-def build(model_config: ModelConfig) -> MobileBert:
-  """The Flax module for a validated config (a ModelConfig or a mapping of its fields)."""
+def build(model_config: ModelConfig | ModernConfig) -> MobileBert | ModernEncoder:
+  """The Flax module for a validated config (a ModelConfig or a mapping of its fields; a
+  ModernConfig builds the ModernBERT/EuroBERT encoder)."""
+  if isinstance(model_config, ModernConfig):
+    return build_modern(model_config)
   return MobileBert(_config(model_config))
 
 
@@ -55,4 +61,5 @@ def example_inputs(model_config: ModelConfig, head: str = "pretraining", batch: 
 
 __all__ = ["HEADS", "build_for", "example_inputs", "ModelConfig", "ModelOutput", "MobileBert", "SequenceClassifier", "SpanExtractor",
            "build_classifier", "build_span_extractor", "PRESETS", "build", "from_hf_config",
-           "preset", "to_hf_config"]
+           "preset", "to_hf_config", "MODERN_PRESETS", "ModernConfig", "ModernEncoder",
+           "build_modern", "modern_preset"]
