@@ -3,6 +3,8 @@
     python -m mbert_jax.export --workdir=<run dir> --format=hf --out=<dir> [--step=N]
     python -m mbert_jax.export --workdir=<run dir> --format=flax --out=<dir>
     python -m mbert_jax.export --workdir=<run dir> --format=onnx [--quantize=int8] --out=<dir>
+    python -m mbert_jax.export --workdir=<run dir> --format=onnx --quantize=int8_static \
+        [--calibration=<text lines or dev TSV>] --out=<dir>
 
 The kind of model follows the run: a pretraining or distillation run exports the MLM + NSP
 model, a GLUE fine-tuning run (task.json kind=glue) the sequence classifier (1 output for
@@ -13,8 +15,12 @@ STS-B: regression), a SQuAD run the span extractor.
 `MobileBertForQuestionAnswering`, labels and problem type in config.json. `flax`:
 `model_config.json` + `params.safetensors` (flattened '/' keys) + tokenizer files, read back
 by `load_flax`. `onnx`: `model.onnx` (dynamic batch and sequence axes; int8 with
-`--quantize=int8`), `onnx_io.json` (input/output names and shapes) and tokenizer files (see
-`mbert_jax.interop.onnx_export`). A model Hugging Face cannot represent (the IB-BERT teacher) is
+`--quantize=int8`, the fastest variant measured; `int8_dynamic`, plain dynamic quantization;
+`int8_static`, calibrated static quantization, see `mbert_jax.interop.quantize`),
+`onnx_io.json` (input/output names and shapes, the quantization used) and tokenizer files (see
+`mbert_jax.interop.onnx_export`). `int8_static` calibrates on the fine-tuning run's dev set, or
+on `--calibration`: a file of text lines (pairs and question<TAB>context tab-separated, as
+`predict --file` reads) or, for a GLUE run, a TSV/JSONL file of the task's layout. A model Hugging Face cannot represent (the IB-BERT teacher) is
 refused for hf and onnx with the reason.
 
 Every export also writes README.md (a model card: architecture, parameter count, the run it
@@ -37,17 +43,20 @@ import numpy as np
 from flax import traverse_util
 
 from mbert_jax import cli
-from mbert_jax.data.tokenizer import TOKENIZER_FILES
+from mbert_jax.data.tokenizer import FINETUNE_SPECIAL_TOKENS, TOKENIZER_FILES, load_tokenizer
+from mbert_jax.finetune import glue, squad
 from mbert_jax.finetune.glue import get_task
-from mbert_jax.interop import hf_export, model_source, onnx_export
+from mbert_jax.interop import hf_export, model_source, onnx_export, predict
+from mbert_jax.interop import quantize as quantize_lib
 from mbert_jax.interop.export_files import (CARD_FILE, FLAX_PARAMS_FILE, IO_FILE, MODEL_CONFIG_FILE,
                                             TASK_FILE)
-from mbert_jax.interop.model_source import LoadedModel
+# load_flax reads what save_flax writes; callers know it as export.load_flax.
+from mbert_jax.interop.model_source import LoadedModel, load_flax
 from mbert_jax.models import PRESETS, ModelConfig, to_hf_config
 from mbert_jax.training.workdir import CONFIG_FILE, is_mbert_workdir, read_json, read_report
 
 FORMATS = ("hf", "flax", "onnx")
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = quantize_lib.QUANTIZATIONS
 # SQuAD decoding settings a fine-tuning config may leave out (the trainer's defaults).
 _SQUAD_DECODING = {"doc_stride": 128, "max_query_length": 64, "max_answer_length": 30,
                    "n_best_size": 20, "null_score_diff_threshold": 0.0}
@@ -63,15 +72,6 @@ def save_flax(cfg: ModelConfig, params: Any, out: str, tokenizer_dir: str | None
   with open(os.path.join(out, MODEL_CONFIG_FILE), "w") as f:
     json.dump(cfg.to_dict(), f, indent=1)
   _copy_tokenizer(tokenizer_dir, out)
-
-
-def load_flax(path: str) -> tuple[ModelConfig, Any]:
-  """Reads a `--format=flax` export: (ModelConfig, params as a nested dict of numpy arrays)."""
-  from safetensors.numpy import load_file
-  with open(os.path.join(path, MODEL_CONFIG_FILE)) as f:
-    cfg = ModelConfig.from_dict(json.load(f))
-  flat = load_file(os.path.join(path, FLAX_PARAMS_FILE))
-  return cfg, traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _copy_tokenizer(tokenizer_dir: str | None, out: str) -> None:
@@ -232,8 +232,8 @@ def model_card(model: LoadedModel, fmt: str, quantize: str, files: list[str],
   params = _count(model.params)
   backbone = sum(_count(v) for k, v in model.params.items() if k in ("embeddings", "encoder"))
   fmt_line = {"hf": "Hugging Face `transformers` directory", "flax": "plain Flax parameters",
-              "onnx": "ONNX model" + (" (int8, dynamic quantization)" if quantize == "int8"
-                                      else " (fp32)")}[fmt]
+              "onnx": f"ONNX model ({quantize_lib.DESCRIPTIONS[quantize]}, "
+                      f"`--quantize={quantize}`)"}[fmt]
   lines = [f"# MobileBERT family model: {title}", "",
            f"Exported by `python -m mbert_jax.export`; format: {fmt_line}.", "",
            "## Model", "", *_architecture_lines(cfg),
@@ -247,29 +247,97 @@ def model_card(model: LoadedModel, fmt: str, quantize: str, files: list[str],
               f"{', '.join(i['name'] for i in onnx_info['inputs'])} (int64, [batch, sequence]), "
               f"outputs {', '.join(o['name'] for o in onnx_info['outputs'])}",
               f"- fp32 graph vs the PyTorch model on a padded batch, max error relative to "
-              f"each output's largest magnitude: {check}", ""]
+              f"each output's largest magnitude: {check}"]
+    details = onnx_info.get("quantization_details") or {}
+    if quantize != "none":
+      q_check = ", ".join(f"{k} {v:.1e}" for k, v in
+                          details.get("vs_fp32_max_relative_error", {}).items())
+      lines.append(f"- quantization: `{quantize}`, {details.get('method')}"
+                   + (f"; NoNorm folded into {sum(details['nonorm_folded'].values())} dense "
+                      "layers" if details.get("nonorm_folded") else "")
+                   + (f"; calibrated on {details['calibration_rows']} examples"
+                      if details.get("calibration_rows") else "")
+                   + (f"; vs the fp32 graph on that batch: {q_check}" if q_check else ""))
+    lines.append("")
   lines += ["## Training", "", *_provenance_lines(model), "",
             "## Evaluation", "", *_evaluation_lines(source.report), ""]
-  if quantize == "int8":
-    lines += ["The int8 model's own figures are not measured at export; dynamic quantization "
+  if quantize != "none":
+    lines += [f"The {quantize} model's own figures are not measured at export; quantization "
               "changes logits slightly.", ""]
   lines += ["## Use", "", *_usage_lines(fmt, source.head), ""]
   return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- export
-def check_request(fmt: str, quantize: str) -> None:
+def check_request(fmt: str, quantize: str, calibration: str | None = None) -> None:
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r}: choose one of {', '.join(FORMATS)}")
-  if quantize not in QUANTIZATIONS:
-    raise ValueError(f"--quantize={quantize!r}: choose one of {', '.join(QUANTIZATIONS)}")
+  quantize_lib.check(quantize, calibration or None)
   if quantize != "none" and fmt != "onnx":
     raise ValueError(f"--quantize={quantize} applies to --format=onnx only")
+  if calibration and not os.path.isfile(calibration):
+    raise FileNotFoundError(f"--calibration={calibration}: no such file")
+
+
+def _calibration_texts(source, task_info: dict | None, path: str | None
+                       ) -> tuple[list[str], list[str] | None]:
+  """(first texts, second texts or None) to calibrate on: `path`, else the run's dev set."""
+  kind = (source.task or {}).get("kind")
+  pair = task_info is not None and predict.needs_pair(task_info)
+  if path and kind == "glue" and path.endswith((".tsv", ".csv", ".json", ".jsonl")):
+    spec = get_task(task_info["task"])
+    rows = _glue_rows(spec, path)
+    return ([r[spec.text_fields[0]] for r in rows],
+            [r[spec.text_fields[1]] for r in rows] if pair else None)
+  if path:
+    with open(path, encoding="utf-8") as f:
+      examples = predict.parse_lines(f.readlines(), pair, f"--calibration={path}")
+    return [e.text for e in examples], [e.pair for e in examples] if pair else None
+  data = _get(source.run_config, "task", "data")
+  if kind is None:
+    raise ValueError("--quantize=int8_static: a pretraining run has no dev set to calibrate on; "
+                     "give --calibration=<file of text lines>")
+  if not data or not os.path.isdir(str(data)):
+    raise ValueError(f"--quantize=int8_static: the run read its data from {data or 'the hub'}, "
+                     "not a local directory; give --calibration=<file of text lines or a dev "
+                     "TSV>")
+  if kind == "squad":
+    ds = squad.load_squad(data, version=source.task.get("squad_version") or "1.1",
+                          split="validation")
+    return list(ds["question"]), list(ds["context"])
+  spec = get_task(task_info["task"])
+  rows = _glue_rows(spec, data, spec.eval_splits[0])
+  return ([r[spec.text_fields[0]] for r in rows],
+          [r[spec.text_fields[1]] for r in rows] if pair else None)
+
+
+def _glue_rows(spec, path: str, split: str = "validation") -> list[dict]:
+  ds = glue.load_glue(spec, path, split)
+  n = min(len(ds), quantize_lib.CALIBRATION_ROWS)
+  return [ds[i] for i in range(n)]
+
+
+def calibration_data(source, task_info: dict | None, path: str | None,
+                     max_seq_length: int) -> list[dict[str, np.ndarray]]:
+  """Encoded calibration batches for `--quantize=int8_static`, tokenized as the run's inputs
+  (question answering: question and context truncated to one window, which spans the ranges
+  the sliding windows see)."""
+  if not source.tokenizer_dir:
+    raise ValueError("--quantize=int8_static needs the run's tokenizer to encode calibration "
+                     "text, and the run has no tokenizer/; export with --quantize=int8")
+  texts, pairs = _calibration_texts(source, task_info, path)
+  texts = texts[:quantize_lib.CALIBRATION_ROWS]
+  pairs = pairs[:quantize_lib.CALIBRATION_ROWS] if pairs is not None else None
+  lower = bool((task_info or {}).get("lower_case", True))
+  tokenizer = load_tokenizer(source.tokenizer_dir, lower_case=lower,
+                             require=FINETUNE_SPECIAL_TOKENS, setting="--workdir")
+  return quantize_lib.calibration_batches(glue.encode_pairs(tokenizer, texts, pairs,
+                                                            max_seq_length))
 
 
 def export(workdir: str, fmt: str, out: str, step: int | None = None,
-           quantize: str = "none") -> dict[str, Any]:
-  check_request(fmt, quantize)
+           quantize: str = "none", calibration: str | None = None) -> dict[str, Any]:
+  check_request(fmt, quantize, calibration)
   if not out:
     raise ValueError("--out is empty: name the directory to write")
   if fmt == "onnx":
@@ -297,8 +365,13 @@ def export(workdir: str, fmt: str, out: str, step: int | None = None,
   elif fmt == "flax":
     save_flax(cfg, params, out, tokenizer_dir=source.tokenizer_dir)
   else:
+    feeds = None
+    if quantize in quantize_lib.NEEDS_CALIBRATION:
+      length = int((task_info or {}).get("max_seq_length") or
+                   min(128, cfg.max_position_embeddings))
+      feeds = calibration_data(source, task_info, calibration, length)
     onnx_info = onnx_export.export(cfg, params, head, out, quantize=quantize,
-                                   label_names=label_names)
+                                   label_names=label_names, calibration=feeds)
     with open(os.path.join(out, MODEL_CONFIG_FILE), "w") as f:
       json.dump(cfg.to_dict(), f, indent=1)
     _copy_tokenizer(source.tokenizer_dir, out)
@@ -319,7 +392,12 @@ def main(argv=None):
   flags.DEFINE_string("workdir", None, "an mbert-jax run directory (pretraining or fine-tuning)")
   flags.DEFINE_string("format", "hf", "hf: Hugging Face directory; flax: params + config; "
                       "onnx: one .onnx file + io names")
-  flags.DEFINE_string("quantize", "none", "none | int8 (onnx only: dynamic int8 quantization)")
+  flags.DEFINE_string("quantize", "none", "onnx only: none | int8 (fastest measured: NoNorm "
+                      "folded + dynamic int8) | int8_dynamic (plain dynamic int8) | "
+                      "int8_static (calibrated static QDQ int8)")
+  flags.DEFINE_string("calibration", None, "int8_static: a file of text lines (tab-separated "
+                      "pairs) or a GLUE dev TSV/JSONL to calibrate on (default: the run's dev "
+                      "set)")
   flags.DEFINE_string("out", None, "output directory")
   flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
   flags.mark_flags_as_required(["workdir", "out"])
@@ -327,7 +405,7 @@ def main(argv=None):
 
   def run(_):
     info = cli.guarded(export, FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.step,
-                       FLAGS.quantize)
+                       FLAGS.quantize, FLAGS.calibration)
     print(json.dumps(info))
 
   app.run(run, argv)

@@ -9,12 +9,15 @@ The teacher (`distill.teacher`), fine-tuning's initial model (`finetune.task`) a
 (`interop.export`) all load through here. A path that does not exist, a file, a directory that
 is neither kind, or a config.json of another model family is refused in one line naming the
 setting that gave it. An mbert-jax run is recognised by its model_config.json and read from
-its checkpoints/; a Hugging Face directory goes through `hf_import`.
+its checkpoints/; a Hugging Face directory goes through `hf_import`. `load_flax` reads a
+`--format=flax` export back; it sits here, below both, because `export` writes that format and
+`predict` runs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from pathlib import Path
@@ -25,7 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from mbert_jax.data.tokenizer import TOKENIZER_FILES
-from mbert_jax.interop import hf_import
+from mbert_jax.interop import export_files, hf_import
 from mbert_jax.interop.hf_names import (CONFIG_NAME, SENTENCE_TRANSFORMERS_MODULES,
                                         TORCH_INDEX_NAME, TORCH_NAME)
 from mbert_jax.models import ModelConfig, build_for, example_inputs
@@ -240,5 +243,14 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any, i
   return model.source.model_config, model.params, model.step
 
 
+def load_flax(path: str) -> tuple[ModelConfig, Any]:
+  """Reads a `--format=flax` export: (ModelConfig, params as a nested dict of numpy arrays)."""
+  from safetensors.numpy import load_file
+  with open(os.path.join(path, export_files.MODEL_CONFIG_FILE)) as f:
+    cfg = ModelConfig.from_dict(json.load(f))
+  flat = load_file(os.path.join(path, export_files.FLAX_PARAMS_FILE))
+  return cfg, traverse_util.unflatten_dict(flat, sep="/")
+
+
 __all__ = ["HF", "RUN", "SENTENCE_TRANSFORMERS", "LoadedModel", "ModelSource", "load",
-           "load_run", "locate", "looks_like_hub_name"]
+           "load_flax", "load_run", "locate", "looks_like_hub_name"]

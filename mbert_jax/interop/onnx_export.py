@@ -3,7 +3,7 @@
 Route: the parameters go through the Hugging Face export (`mbert_jax.interop.hf_export`, checked
 against the Flax model to 1e-5), the `transformers` PyTorch model is traced by `torch.onnx.export`'s
 dynamo exporter (onnxscript) into one `.onnx` file with symbolic `batch` and `sequence` axes,
-and ONNX Runtime's dynamic quantizer makes the int8 model. Why not jax2onnx on the Flax model:
+and `mbert_jax.interop.quantize` makes the int8 variants. Why not jax2onnx on the Flax model:
 it pins orbax-checkpoint below the version this project trains and checkpoints with, and
 needs Python 3.11; the torch route adds no pin and its exporter and ONNX Runtime are kept by
 their maintainers. The IB-BERT teacher has no Hugging Face form and is refused with the reason.
@@ -18,7 +18,6 @@ training never imports this module.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import os
@@ -29,7 +28,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mbert_jax.interop import hf_export
+from mbert_jax.interop import quantize as quantize_lib
 from mbert_jax.interop.export_files import IO_FILE, ONNX_FILE
+# The graph checks and the int8 quantizer stay importable from here, where callers found them.
+from mbert_jax.interop.onnx_graph import INTEGER_MATMULS, float_dense_layers, op_inventory
+from mbert_jax.interop.quantize import quantize_int8
 from mbert_jax.models import ModelConfig
 
 OPSET = 18
@@ -38,10 +41,7 @@ HEADS = ("pretraining", "classification", "question_answering")
 OUTPUT_NAMES = {"pretraining": ("mlm_logits", "nsp_logits", "hidden_states"),
                 "classification": ("logits",),
                 "question_answering": ("start_logits", "end_logits")}
-QUANTIZATIONS = ("none", "int8")
-# Ops that compute a dense layer in integers after ONNX Runtime's dynamic quantization (the
-# file holds MatMulInteger; session-time fusion turns it into the others).
-INTEGER_MATMULS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+QUANTIZATIONS = quantize_lib.QUANTIZATIONS
 _EXTRA_HINT = "pip install 'mbert-jax[onnx]' (after a CPU torch, see README)"
 
 
@@ -138,57 +138,6 @@ def trace_to_onnx(model, head: str, cfg: ModelConfig, path: str) -> None:
                       opset_version=OPSET, dynamo=True, external_data=False, optimize=True)
 
 
-def op_inventory(model_or_path: Any) -> collections.Counter:
-  """Op type -> count over the graph and every subgraph."""
-  import onnx
-  model = (onnx.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike))
-           else model_or_path)
-  counts: collections.Counter = collections.Counter()
-
-  def walk(graph):
-    for node in graph.node:
-      counts[node.op_type] += 1
-      for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-          walk(attr.g)
-        for g in attr.graphs:
-          walk(g)
-
-  walk(model.graph)
-  return counts
-
-
-def float_dense_layers(model_or_path: Any) -> list[str]:
-  """MatMul / Gemm / Einsum nodes multiplying by a stored 2-D weight, i.e. dense layers that
-  still run in float (the attention products multiply two activations and are not listed)."""
-  import onnx
-  model = (onnx.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike))
-           else model_or_path)
-  weights = {t.name for t in model.graph.initializer if len(t.dims) == 2}
-  weights |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
-  return [n.name or n.output[0] for n in model.graph.node
-          if n.op_type in ("MatMul", "Gemm", "Einsum") and any(i in weights for i in n.input)]
-
-
-def quantize_int8(src: str, dst: str) -> collections.Counter:
-  """Dynamic int8 quantization (weights int8 per tensor, activations uint8 per call).
-
-  Refuses a result whose dense layers still run in float: the quantizer skips ops it does not
-  handle (Einsum, say) without a word, which would ship a model neither small nor fast.
-  """
-  from onnxruntime.quantization import QuantType, quantize_dynamic
-  dense = len(float_dense_layers(src))
-  quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
-  left = float_dense_layers(dst)
-  ops = op_inventory(dst)
-  integer = sum(ops[k] for k in INTEGER_MATMULS)
-  if left or integer < dense or not dense:
-    os.remove(dst)
-    raise ValueError(f"int8 quantization left {len(left)} of {dense} dense layer(s) in float "
-                     f"({', '.join(left[:5])}); op inventory: {dict(ops)}")
-  return ops
-
-
 def session(path: str, threads: int | None = None):
   """An ONNX Runtime CPU session (threads: intra-op threads; None = ONNX Runtime's choice)."""
   import onnxruntime as ort
@@ -238,31 +187,44 @@ def _io_spec(path: str) -> dict[str, list[dict[str, Any]]]:
 
 
 def export(cfg: ModelConfig, params: Any, head: str, out: str, *, quantize: str = "none",
-           label_names: Sequence[str] | None = None) -> dict[str, Any]:
-  """Writes `out/model.onnx` (fp32, or int8 with quantize="int8") and `out/onnx_io.json`.
+           label_names: Sequence[str] | None = None,
+           calibration: Sequence[Mapping[str, np.ndarray]] | None = None) -> dict[str, Any]:
+  """Writes `out/model.onnx` (fp32, or an int8 variant of `quantize_lib.QUANTIZATIONS`) and
+  `out/onnx_io.json`.
 
+  calibration: encoded input batches for the static variant (`quantize_lib.calibration_batches`).
   Returns the io description, which also holds the fp32 graph's agreement with the PyTorch
-  model on a padded batch, checked here, and for int8 the op inventory.
+  model on a padded batch, checked here, and for int8 the quantized graph's agreement with the
+  fp32 one on that batch, the method and the op inventory of the graph ONNX Runtime runs.
   """
   if head not in HEADS:
     raise ValueError(f"head {head!r}: choose one of {HEADS}")
-  if quantize not in QUANTIZATIONS:
-    raise ValueError(f"--quantize={quantize!r}: choose one of {', '.join(QUANTIZATIONS)}")
+  quantize_lib.check(quantize, calibration)
+  if quantize in quantize_lib.NEEDS_CALIBRATION and not calibration:
+    raise ValueError(f"--quantize={quantize} needs calibration data: give "
+                     "--calibration=<file of text lines or a dev TSV>")
   require_onnx_tools()
   cfg = cfg.replace(compute_dtype="float32")
   model = torch_model(cfg, params, head, label_names)
   os.makedirs(out, exist_ok=True)
   target = os.path.join(out, ONNX_FILE)
   with tempfile.TemporaryDirectory() as tmp:
-    fp32 = os.path.join(tmp, "fp32.onnx") if quantize == "int8" else target
+    fp32 = os.path.join(tmp, "fp32.onnx") if quantize != "none" else target
     trace_to_onnx(model, head, cfg, fp32)
     batch = example_batch(cfg, batch=3, seq=16)
-    check = max_relative_errors(run_session(session(fp32), batch),
-                                _torch_outputs(model, head, batch))
-    ops = quantize_int8(fp32, target) if quantize == "int8" else op_inventory(fp32)
+    fp32_out = run_session(session(fp32), batch)
+    check = max_relative_errors(fp32_out, _torch_outputs(model, head, batch))
+    details: dict[str, Any] = {"method": quantize_lib.DESCRIPTIONS[quantize]}
+    if quantize == "none":
+      ops = op_inventory(fp32)
+    else:
+      ops, details = quantize_lib.quantize_model(
+          fp32, target, quantize, list(calibration) if calibration else None)
+      details["vs_fp32_max_relative_error"] = max_relative_errors(
+          run_session(session(target), batch), fp32_out)
     fp32_bytes = os.path.getsize(fp32)
   info = {"format": "onnx", "file": ONNX_FILE, "head": head, "opset": OPSET,
-          "quantization": quantize, **_io_spec(target),
+          "quantization": quantize, "quantization_details": details, **_io_spec(target),
           "max_sequence_length": cfg.max_position_embeddings,
           "fp32_vs_pytorch_max_relative_error": check,
           "bytes": os.path.getsize(target), "fp32_bytes": fp32_bytes,

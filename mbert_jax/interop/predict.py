@@ -32,8 +32,8 @@ from mbert_jax import cli
 from mbert_jax.data.tokenizer import FINETUNE_SPECIAL_TOKENS, load_tokenizer
 from mbert_jax.finetune import glue, squad
 from mbert_jax.interop import onnx_export
-from mbert_jax.interop.export import load_flax
 from mbert_jax.interop.export_files import FLAX_PARAMS_FILE, ONNX_FILE, TASK_FILE
+from mbert_jax.interop.model_source import load_flax
 from mbert_jax.interop.hf_names import CONFIG_NAME
 from mbert_jax.models import build_classifier, build_span_extractor
 
