@@ -61,6 +61,14 @@ def teacher_section() -> ml_collections.ConfigDict:
   t.copy_embedding_norm = "auto"  # auto: only if teacher and student use the same norm type
   t.copy_mlm_head = True
   t.copy_nsp_head = True
+  # A stage that runs embeddings (or heads) frozen which the teacher could not seed (another
+  # width: every ModernBERT/EuroBERT teacher, any wider BERT, under pkt/pkt_freeze/jkt) trains
+  # on random inputs: refuse (naming pkt_tf2), or warn and run.
+  t.frozen_fresh = "refuse"
+  # True: the checkpoint's architecture with fresh weights (seed REINIT_SEED in
+  # mbert_jax/distill/teacher.py): the control that tells what a pretrained teacher transfers
+  # from what the schedule alone does (configs/demo_bert_teacher.py:control).
+  t.reinitialise = False
   return t
 
 
@@ -77,6 +85,14 @@ def kt_section() -> ml_collections.ConfigDict:
   k.attention_transfer = "auto"    # auto (per_head if head counts match) | per_head | relation
   k.relation_heads = 0             # MiniLMv2 relation heads; 0 = auto (divides both Q/K/V widths)
   k.layer_map = ()                 # 1-based teacher layer per student layer; () = uniform map
+  # Pre-norm teachers (ModernBERT, EuroBERT) hand over their un-normalised residual stream:
+  # auto = final_norm (each state through the teacher's own final norm, where its last state
+  # and MLM head live) for them, none for BERT-family teachers (states already LayerNorm'd);
+  # layer_norm = a parameter-free LayerNorm; none = compare the raw stream.
+  k.teacher_feature_norm = "auto"
+  # Rotary teachers: MiniLMv2 Q-Q/K-K relations of the queries and keys as the teacher's
+  # attention multiplies them (rotated, each layer with its own theta) or before the rotation.
+  k.relation_rotary = "rotated"
   return k
 
 
@@ -119,9 +135,10 @@ def pretraining_schedule(c: ml_collections.ConfigDict, steps: int, learning_rate
       del c[unread]
 
 
-def smoke(c: ml_collections.ConfigDict, model: str) -> None:
-  """Shrinks any preset to a CPU-sized run: micro model, built-in corpus, one device axis."""
-  c.model = model_section(model)
+def smoke(c: ml_collections.ConfigDict, model: str | ml_collections.ConfigDict) -> None:
+  """Shrinks any preset to a CPU-sized run: micro model (a preset name or a model section),
+  built-in corpus, one device axis."""
+  c.model = model_section(model) if isinstance(model, str) else model
   smoke_data(c)
   c.train.log_every = 10
   c.train.eval_every = 100

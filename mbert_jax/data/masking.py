@@ -61,16 +61,20 @@ class MaskingRules:
     return min(self.max_predictions, max(1, int(round(num_tokens * self.masked_lm_prob))))
 
 
-def _word_groups(tokens: np.ndarray, candidates: np.ndarray, rules: MaskingRules) -> np.ndarray:
-  """Group id per candidate: a `##` piece right after a candidate joins that candidate's word."""
-  continues = rules.is_continuation[tokens[candidates]]
+def _word_groups(tokens: np.ndarray, candidates: np.ndarray, rules: MaskingRules,
+                 continues: np.ndarray | None = None) -> np.ndarray:
+  """Group id per candidate: a piece that continues a word (`##`, or per `continues`) right
+  after a candidate joins that candidate's word."""
+  joins = (rules.is_continuation[tokens[candidates]] if continues is None
+           else continues[candidates])
   adjacent = np.concatenate([[False], np.diff(candidates) == 1])
-  return np.cumsum(~(continues & adjacent)) - 1
+  return np.cumsum(~(joins & adjacent)) - 1
 
 
-def choose_positions(tokens: np.ndarray, rules: MaskingRules, rng: np.random.Generator
-                     ) -> np.ndarray:
-  """Sorted positions to predict."""
+def choose_positions(tokens: np.ndarray, rules: MaskingRules, rng: np.random.Generator,
+                     continues: np.ndarray | None = None) -> np.ndarray:
+  """Sorted positions to predict. `continues` (bool per position): the tokenizer's own word
+  boundaries, for tokenizers without `##` pieces."""
   candidates = np.flatnonzero(rules.maskable[tokens])
   k = rules.num_to_predict(len(tokens))
   if len(candidates) == 0:
@@ -78,7 +82,7 @@ def choose_positions(tokens: np.ndarray, rules: MaskingRules, rng: np.random.Gen
   if not rules.whole_word:
     order = rng.permutation(len(candidates))
     return np.sort(candidates[order[:k]])
-  groups = _word_groups(tokens, candidates, rules)
+  groups = _word_groups(tokens, candidates, rules, continues)
   sizes = np.bincount(groups)
   chosen, total = [], 0
   for g in rng.permutation(len(sizes)).tolist():
@@ -91,10 +95,11 @@ def choose_positions(tokens: np.ndarray, rules: MaskingRules, rng: np.random.Gen
   return candidates[np.isin(groups, chosen)]
 
 
-def mask_tokens(tokens: np.ndarray, rules: MaskingRules, rng: np.random.Generator
+def mask_tokens(tokens: np.ndarray, rules: MaskingRules, rng: np.random.Generator,
+                continues: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(masked input ids, positions, original ids at those positions)."""
-  positions = choose_positions(tokens, rules, rng)
+  positions = choose_positions(tokens, rules, rng, continues)
   labels = tokens[positions]
   masked = tokens.copy()
   u = rng.random(len(positions))

@@ -136,20 +136,52 @@ def shard_instances(sentence_offsets: np.ndarray, document_offsets: np.ndarray, 
   return np.asarray(out, dtype=np.int64).reshape(-1, len(INSTANCE_COLUMNS))
 
 
+def shard_single_segments(sentence_offsets: np.ndarray, document_offsets: np.ndarray,
+                          doc_lo: int, doc_hi: int, max_seq_length: int, short_seq_prob: float,
+                          rng: np.random.Generator) -> np.ndarray:
+  """Instances without a B segment ([CLS] A [SEP], for models trained without NSP): each
+  document's sentences are packed into chunks up to the target length (drawn as BERT draws
+  it), a chunk too long trimmed front and back like a pair's longer segment. B is empty
+  (b_start = b_end = a_end) and is_random_next 0."""
+  so = np.asarray(sentence_offsets)
+  do = np.asarray(document_offsets)
+  max_num_tokens = max_seq_length - 2  # [CLS] A [SEP]
+  u = _Uniforms(rng)
+  out: list[tuple[int, int, int, int, int]] = []
+  for d in range(doc_lo, doc_hi):
+    s0, s1 = int(do[d]), int(do[d + 1])
+    target = max_num_tokens
+    if u.random() < short_seq_prob:
+      target = u.integers(2, max_num_tokens + 1)
+    start = s0
+    for i in range(s0, s1):
+      if i == s1 - 1 or int(so[i + 1]) - int(so[start]) >= target:
+        lo, hi = int(so[start]), int(so[i + 1])
+        cut = max(0, hi - lo - max_num_tokens)
+        front = u.binomial_half(cut)
+        lo, hi = lo + front, hi - (cut - front)
+        out.append((lo, hi, hi, hi, 0))
+        start = i + 1
+  return np.asarray(out, dtype=np.int64).reshape(-1, len(INSTANCE_COLUMNS))
+
+
 def _shard_from_files(directory: str, doc_lo: int, doc_hi: int, max_seq_length: int,
-                      short_seq_prob: float, seed: int, pairing_round: int, shard: int
-                      ) -> np.ndarray:
+                      short_seq_prob: float, seed: int, pairing_round: int, shard: int,
+                      next_sentence: bool = True) -> np.ndarray:
   so = np.load(os.path.join(directory, "sentence_offsets.npy"), mmap_mode="r")
   do = np.load(os.path.join(directory, "document_offsets.npy"), mmap_mode="r")
-  return shard_instances(so, do, doc_lo, doc_hi, max_seq_length, short_seq_prob,
-                         shard_rng(seed, pairing_round, shard))
+  build = shard_instances if next_sentence else shard_single_segments
+  return build(so, do, doc_lo, doc_hi, max_seq_length, short_seq_prob,
+               shard_rng(seed, pairing_round, shard))
 
 
 def build_instances(sentence_offsets: np.ndarray, document_offsets: np.ndarray,
                     max_seq_length: int, short_seq_prob: float, seed: int, pairing_round: int,
                     num_proc: int = 1, directory: str | None = None,
-                    parallel_min_sentences: int | None = None) -> np.ndarray:
-  """The instance table [N, 5] of one pairing round over the whole corpus.
+                    parallel_min_sentences: int | None = None,
+                    next_sentence: bool = True) -> np.ndarray:
+  """The instance table [N, 5] of one pairing round over the whole corpus (`next_sentence`
+  False: single segments, `shard_single_segments`).
 
   Large corpora (>= parallel_min_sentences sentences, arrays on disk in `directory`) are
   paired by `num_proc` spawned processes; the result is identical to the sequential one.
@@ -164,14 +196,16 @@ def build_instances(sentence_offsets: np.ndarray, document_offsets: np.ndarray,
   parallel = (num_proc > 1 and len(shards) > 1 and directory is not None
               and len(sentence_offsets) - 1 >= parallel_min_sentences)
   if not parallel:
-    parts = [shard_instances(sentence_offsets, document_offsets, lo, hi, max_seq_length,
-                             short_seq_prob, shard_rng(seed, pairing_round, k))
+    build = shard_instances if next_sentence else shard_single_segments
+    parts = [build(sentence_offsets, document_offsets, lo, hi, max_seq_length,
+                   short_seq_prob, shard_rng(seed, pairing_round, k))
              for k, (lo, hi) in enumerate(shards)]
   else:
     # spawn, not fork: the caller may be a JAX trainer whose threads make fork unsafe.
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(min(num_proc, len(shards)), mp_context=ctx) as ex:
       futures = [ex.submit(_shard_from_files, directory, lo, hi, max_seq_length, short_seq_prob,
-                           seed, pairing_round, k) for k, (lo, hi) in enumerate(shards)]
+                           seed, pairing_round, k, next_sentence)
+                 for k, (lo, hi) in enumerate(shards)]
       parts = [f.result() for f in futures]
   return np.concatenate(parts, axis=0)

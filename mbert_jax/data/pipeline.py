@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from tokenizers import Tokenizer
 
-from mbert_jax.data import accounting, pairing, permutation, sources as sources_lib
+from mbert_jax.data import accounting, bpe, pairing, permutation, sources as sources_lib
 from mbert_jax.data import corpus as corpus_lib
 from mbert_jax.data import tokenizer as tokenizer_lib
 from mbert_jax.data.config import default_data_config, validate_data_config
@@ -109,12 +109,19 @@ class _RawCorpus:
 
 
 def _trained_tokenizer(cache_dir: str, size: int, key_material: dict[str, Any],
-                       texts: Callable[[], Iterator[str]]) -> Tokenizer:
+                       texts: Callable[[], Iterator[str]], bpe_layout: str | None = None
+                       ) -> Tokenizer:
+  """A WordPiece vocabulary (`train:<size>`), or with `bpe_layout` a byte-level BPE of that
+  layout (`bpe:<layout>:<size>`), trained once on `texts` and cached."""
+  if bpe_layout is not None:
+    key_material = {**key_material, "trainer": bpe.TRAINER_VERSION, "layout": bpe_layout}
   directory = os.path.join(cache_dir, f"vocab-{_digest({**key_material, 'size': size})}")
   if os.path.isfile(os.path.join(directory, "tokenizer.json")):
     return tokenizer_lib.load_tokenizer(os.path.join(directory, "tokenizer.json"))
-  log.info("training a %d-token WordPiece vocabulary (cached in %s)", size, directory)
-  tok = tokenizer_lib.train_wordpiece(texts(), size)
+  log.info("training a %d-token %s vocabulary (cached in %s)", size,
+           f"{bpe_layout} BPE" if bpe_layout else "WordPiece", directory)
+  tok = (bpe.train_bpe(texts(), size, bpe_layout) if bpe_layout
+         else tokenizer_lib.train_wordpiece(texts(), size))
   tmp = tempfile.mkdtemp(prefix=".vocab-", dir=cache_dir)
   tokenizer_lib.save_tokenizer(tok, tmp)
   try:
@@ -150,6 +157,9 @@ def build_pipeline(data_cfg, workdir: str | None, split: str = "train") -> "Pipe
     sources_lib.check_local_sources_not_empty(srcs)
     sources_lib.check_sources_are_text(srcs)
   vocab_size_to_train = tokenizer_lib.parse_trained_vocab_size(str(cfg.vocab))
+  bpe_layout = None
+  if bpe.parse_spec(str(cfg.vocab)) is not None:
+    bpe_layout, vocab_size_to_train = bpe.parse_spec(str(cfg.vocab))
   tokenizer = None
   if vocab_size_to_train is None:
     tokenizer = tokenizer_lib.load_tokenizer(str(cfg.vocab))  # bad vocab: fail before caching
@@ -172,7 +182,7 @@ def build_pipeline(data_cfg, workdir: str | None, split: str = "train") -> "Pipe
       tokenizer = _trained_tokenizer(
           cache_dir, vocab_size_to_train,
           {"version": CACHE_VERSION, "trainer": tokenizer_lib.TRAINER_VERSION, **train_identity},
-          lambda: _usable_texts(*train_raw.split("train", holdout)))
+          lambda: _usable_texts(*train_raw.split("train", holdout)), bpe_layout)
     if split == "train" or eval_sources is None:
       identity, raw, raw_holdout, choices = train_identity, train_raw, holdout, train_choices
     else:
@@ -187,6 +197,8 @@ def build_pipeline(data_cfg, workdir: str | None, split: str = "train") -> "Pipe
                     "splitters": [c["splitter"] for c in choices],
                     "min_document_sentences": int(cfg.min_document_sentences),
                     "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest()}
+    if not tokenizer_lib.is_wordpiece(tokenizer):
+      key_material["word_starts"] = True  # corpora built before they were stored lack them
     directory = os.path.join(cache_dir, f"corpus-{split}-{_digest(key_material)}")
     if os.path.isfile(os.path.join(directory, "stats.json")):
       corpus = corpus_lib.CorpusArrays.load(directory)
@@ -218,6 +230,8 @@ class Pipeline:
     self.special_ids = tokenizer_lib.special_ids(tokenizer)
     self.max_seq_length = int(cfg.max_seq_length)
     self.max_predictions_per_seq = int(cfg.max_predictions_per_seq)
+    # False: single-segment examples, no token types, next_sentence_labels all 0 (unused).
+    self.next_sentence = bool(cfg.next_sentence)
     self._corpus = corpus
     is_eval = split == "eval"
     self.batch_size = int(cfg.eval_batch_size or cfg.batch_size) if is_eval else int(cfg.batch_size)
@@ -256,7 +270,8 @@ class Pipeline:
     key = _digest({"version": CACHE_VERSION, "seed": self.seed, "round": pairing_round,
                    "max_seq_length": self.max_seq_length,
                    "short_seq_prob": float(self.config.short_seq_prob),
-                   "shard_documents": pairing.SHARD_DOCUMENTS})
+                   "shard_documents": pairing.SHARD_DOCUMENTS,
+                   **({} if self.next_sentence else {"next_sentence": False})})
     return os.path.join(self._corpus.directory, f"pairs-{key}.npy")
 
   def instances(self, pairing_round: int) -> np.ndarray:
@@ -271,7 +286,8 @@ class Pipeline:
       table = pairing.build_instances(
           self._corpus.sentence_offsets, self._corpus.document_offsets, self.max_seq_length,
           float(self.config.short_seq_prob), self.seed, pairing_round,
-          num_proc=int(self.config.num_proc), directory=self._corpus.directory)
+          num_proc=int(self.config.num_proc), directory=self._corpus.directory,
+          next_sentence=self.next_sentence)
       tmp = f"{path}.tmp-{os.getpid()}.npy"
       np.save(tmp, table)
       os.replace(tmp, path)  # atomic: concurrent processes write identical tables
@@ -310,9 +326,18 @@ class Pipeline:
     a0, a1, b0, b1, is_random = self.instances(pairing_round)[index].tolist()
     tok = self._corpus.tokens
     cls, sep = self.special_ids["cls"], self.special_ids["sep"]
-    tokens = np.concatenate([[cls], tok[a0:a1], [sep], tok[b0:b1], [sep]]).astype(np.int32)
+    pair = b1 > b0 or self.next_sentence
+    parts = [[cls], tok[a0:a1], [sep]] + ([tok[b0:b1], [sep]] if pair else [])
+    tokens = np.concatenate(parts).astype(np.int32)
+    continues = None
+    starts = self._corpus.word_starts
+    if starts is not None:
+      no = np.zeros(1, bool)
+      pieces = [no, ~starts[a0:a1], no] + ([~starts[b0:b1], no] if pair else [])
+      continues = np.concatenate(pieces)
     masked, positions, labels = mask_tokens(tokens, self._rules,
-                                            self._random.for_example(index, masking_round))
+                                            self._random.for_example(index, masking_round),
+                                            continues)
     return {"tokens": tokens, "input_ids": masked, "positions": positions, "labels": labels,
             "len_a": a1 - a0, "is_random_next": is_random}
 

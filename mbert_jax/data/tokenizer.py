@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -113,27 +114,93 @@ def read_vocab_txt(path: str) -> dict[str, int]:
 
 
 def require_tokens(tok: Tokenizer, require: Sequence[str], where: str) -> None:
+  """A WordPiece vocabulary's BERT special tokens, or (any other tokenizer) the roles they
+  stand for: a BPE tokenizer names them its own way."""
+  if not is_wordpiece(tok):
+    roles = [r for r, t in SPECIAL_TOKENS.items() if t in require and r != "unk"]
+    special_ids(tok, where, roles)
+    return
   missing = [t for t in require if tok.token_to_id(t) is None]
   if missing:
     raise ValueError(f"{where} lacks the special tokens {missing}; it needs all of "
                      f"{list(require)}")
 
 
+# What each special role is called in the tokenizers people ship, in order of preference:
+# BERT's (and ModernBERT's), RoBERTa's, Llama 3's (EuroBERT's), others'. `sep` doubles as
+# `pad` where a tokenizer has none (EuroBERT pads with <|end_of_text|>).
+ROLE_NAMES = {
+    "cls": ("[CLS]", "<s>", "<|begin_of_text|>", "<bos>", "<cls>"),
+    "sep": ("[SEP]", "</s>", "<|end_of_text|>", "<eos>", "<sep>"),
+    "pad": ("[PAD]", "<pad>", "<|pad|>", "<|padding|>"),
+    "mask": ("[MASK]", "<mask>", "<|mask|>"),
+    "unk": ("[UNK]", "<unk>"),
+}
+
+
+def is_wordpiece(tok: Tokenizer) -> bool:
+  return isinstance(tok.model, models.WordPiece)
+
+
+def _template_specials(tok: Tokenizer) -> list[str]:
+  """The special tokens of the post-processor's single-sequence template, in order (a
+  tokenizer.json's `[CLS] $A [SEP]` or `<|begin_of_text|> $A <|end_of_text|>`)."""
+  post = json.loads(tok.to_str()).get("post_processor") or {}
+  steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+  for step in steps:
+    if step.get("type") == "TemplateProcessing":
+      return [item["SpecialToken"]["id"] for item in step.get("single", [])
+              if "SpecialToken" in item]
+    if step.get("type") in ("BertProcessing", "RobertaProcessing"):
+      return [step["cls"][0], step["sep"][0]]
+  return []
+
+
+def role_id(tok: Tokenizer, role: str) -> int | None:
+  """The id of a special role ('cls', 'sep', 'pad', 'mask', 'unk'), found by name: the known
+  names, then (cls, sep) the post-processor's template, then (pad) the separator."""
+  for name in ROLE_NAMES[role]:
+    if tok.token_to_id(name) is not None:
+      return int(tok.token_to_id(name))
+  template = _template_specials(tok)
+  if role in ("cls", "sep") and template:
+    found = tok.token_to_id(template[0] if role == "cls" else template[-1])
+    if found is not None:
+      return int(found)
+  if role == "pad":
+    return role_id(tok, "sep")
+  return None
+
+
+def special_ids(tok: Tokenizer, where: str = "the tokenizer",
+                roles: Sequence[str] = ("cls", "sep", "pad", "mask")) -> dict[str, int]:
+  """Ids of CLS, SEP, PAD, MASK (and UNK, -1 when the tokenizer has none: byte-level BPE
+  never needs one) by name; ValueError in one line for a required role it lacks. A WordPiece
+  vocabulary must have BERT's own tokens."""
+  if is_wordpiece(tok):
+    require_tokens(tok, [SPECIAL_TOKENS[r] for r in roles], where)
+  ids = {}
+  for role in ("cls", "sep", "pad", "mask", "unk"):
+    found = role_id(tok, role)
+    if found is None and role in roles:
+      raise ValueError(
+          f"{where} has no {role} token (none of {', '.join(ROLE_NAMES[role])}"
+          + (", nor a post-processor template" if role in ("cls", "sep") else "")
+          + ")" + ("; masked-LM pretraining needs one: use a tokenizer with a mask token"
+                   if role == "mask" else ""))
+    ids[role] = -1 if found is None else found
+  return ids
+
+
 def check_special_tokens(tok: Tokenizer, where: str) -> dict[str, int]:
-  """The ids of [PAD]/[UNK]/[CLS]/[SEP]/[MASK]; ValueError naming any that are missing."""
-  require_tokens(tok, PRETRAINING_SPECIAL_TOKENS, where)
-  return {name: tok.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}
+  """The ids of the special roles pretraining needs; ValueError naming any that is missing."""
+  return special_ids(tok, where)
 
 
 def token_ids(tok: Tokenizer, names: Sequence[str] = ("cls", "sep", "pad")) -> dict[str, int]:
-  """Ids of the named special tokens (keys of SPECIAL_TOKENS); ValueError if one is missing."""
-  ids = {}
-  for name in names:
-    token_id = tok.token_to_id(SPECIAL_TOKENS[name])
-    if token_id is None:
-      raise ValueError(f"the tokenizer's vocabulary has no {SPECIAL_TOKENS[name]} token")
-    ids[name] = int(token_id)
-  return ids
+  """Ids of the named special roles; ValueError if one is missing."""
+  ids = special_ids(tok, "the tokenizer's vocabulary", names)
+  return {name: ids[name] for name in names}
 
 
 def tokenizer_file(spec: str, setting: str = "data.vocab") -> str:
@@ -305,9 +372,32 @@ def vocab_in_id_order(tok: Tokenizer) -> list[str]:
   return tokens
 
 
+# What the exported student reads: MobileBERT takes token types (zeros for a single segment),
+# which transformers' generic fast tokenizer would otherwise leave out.
+MODEL_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
+
+
+def _save_fast_tokenizer(tok: Tokenizer, directory: str) -> None:
+  """tokenizer.json + the config transformers' AutoTokenizer reads for a tokenizer that is not
+  BERT's WordPiece (a teacher's BPE): its special tokens by role, named as it names them. No
+  vocab.txt: a byte-level BPE vocabulary read as WordPiece would encode wrongly."""
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  ids = special_ids(tok, f"tokenizer to save in {directory}", ("cls", "sep", "pad"))
+  specials = {f"{role}_token": tok.id_to_token(i) for role, i in ids.items() if i >= 0}
+  with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
+    json.dump(specials, f, indent=2)
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_input_names":
+               MODEL_INPUT_NAMES, "clean_up_tokenization_spaces": False, **specials}, f, indent=2)
+
+
 def save_tokenizer(tok: Tokenizer, directory: str) -> None:
-  """vocab.txt + tokenizer.json (+ the small JSON files HF's BertTokenizer(Fast) reads)."""
+  """vocab.txt + tokenizer.json (+ the small JSON files HF's BertTokenizer(Fast) reads); a
+  non-WordPiece tokenizer as a tokenizer.json-based fast tokenizer (`_save_fast_tokenizer`)."""
   os.makedirs(directory, exist_ok=True)
+  if not is_wordpiece(tok):
+    _save_fast_tokenizer(tok, directory)
+    return
   with open(os.path.join(directory, "vocab.txt"), "w", encoding="utf-8") as f:
     f.write("".join(t + "\n" for t in vocab_in_id_order(tok)))
   tok.save(os.path.join(directory, "tokenizer.json"))
@@ -319,13 +409,29 @@ def save_tokenizer(tok: Tokenizer, directory: str) -> None:
                "strip_accents": None, "tokenize_chinese_chars": True, **specials}, f, indent=2)
 
 
-def special_ids(tok: Tokenizer) -> dict[str, int]:
-  return check_special_tokens(tok, "the tokenizer")
+def export_tokenizer(tokenizer_dir: str, out: str) -> None:
+  """A run's tokenizer files into an export directory: a WordPiece vocabulary's as they are, a
+  BPE tokenizer.json re-saved by `save_tokenizer` (a run saved before BPE had its own config
+  holds a BertTokenizer one beside it, which transformers would misread)."""
+  path = tokenizer_file(tokenizer_dir, "the run's tokenizer")
+  if path.endswith(".json"):
+    tok = plain_tokenizer(read_tokenizer_json(path, tokenizer_dir, "the run's tokenizer"))
+    if not is_wordpiece(tok):
+      save_tokenizer(tok, out)
+      return
+  os.makedirs(out, exist_ok=True)
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(tokenizer_dir, name)):
+      shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out, name))
 
 
 def continuation_mask(tok: Tokenizer) -> np.ndarray:
-  """bool[vocab]: True for `##` pieces (continue the previous word; whole-word masking)."""
+  """bool[vocab]: True for `##` pieces (continue the previous word; whole-word masking).
+  All False for other tokenizers: their word boundaries are the pre-tokenizer's, stored per
+  token with the corpus (`word_starts`)."""
   out = np.zeros(tok.get_vocab_size(with_added_tokens=True), dtype=bool)
+  if not is_wordpiece(tok):
+    return out
   for t, i in tok.get_vocab(with_added_tokens=True).items():
     out[i] = t.startswith(CONTINUATION_PREFIX) and len(t) > len(CONTINUATION_PREFIX)
   return out

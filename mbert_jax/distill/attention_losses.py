@@ -22,6 +22,9 @@ from mbert_jax.distill.loss_utils import (AVERAGE_OVER, Array, f32, require_choi
                                           weighted_mean, xlogy_where_positive)
 
 ATTENTION_KINDS = ("ce", "kl")
+# Teacher scores at or below this are masked keys: half float32's minimum, far below any real
+# score and above the minimum itself plus any score it was added to.
+MASKED_SCORE = float(jnp.finfo(jnp.float32).min) / 2
 
 
 def attention_loss(student_scores: Array, teacher_scores: Array, *,
@@ -35,8 +38,11 @@ def attention_loss(student_scores: Array, teacher_scores: Array, *,
   kind='kl': the true KL divergence (teacher entropy subtracted), 0 when the maps are equal.
   over='all' averages over every query row (official); over='real' only over real query rows,
     which needs `attention_mask` [B, F] (1 = real token).
-  Masked keys must carry a large *finite* negative score (the models' attention_mask_value is
-  never -inf); 0 * log(tiny) terms are forced to 0 so even -inf would not produce NaN.
+  Masked keys: a teacher score at or below MASKED_SCORE (the pre-norm teachers' float32-minimum
+  mask, on padding and outside a local layer's window) is probability 0, whatever the student
+  puts there, and 0 * log(tiny) terms are forced to 0 so even -inf would not produce NaN. A
+  query row whose every key is masked (a padded query of a local layer, whose window holds only
+  padding) carries no distribution: it is left out of the average, in both `over` modes.
   """
   require_choice(over, AVERAGE_OVER, "attention loss 'over'")
   require_choice(kind, ATTENTION_KINDS, "attention loss 'kind'")
@@ -52,9 +58,15 @@ def attention_loss(student_scores: Array, teacher_scores: Array, *,
                        f"{(batch, queries)}")
     row_weights = f32(attention_mask)[:, None, :]
 
+  teacher = teacher_f32(teacher_scores)
+  visible = teacher > MASKED_SCORE
+  has_keys = jnp.any(visible, axis=-1)
+  row_weights = has_keys.astype(jnp.float32) * (1.0 if row_weights is None else row_weights)
+  # Rows without a visible key get a dummy finite row (their weight is 0).
+  teacher = jnp.where(visible | ~has_keys[..., None], teacher, -jnp.inf)
   student_log_probs = jax.nn.log_softmax(f32(student_scores), axis=-1)
-  teacher_log_probs = jax.nn.log_softmax(teacher_f32(teacher_scores), axis=-1)
-  teacher_probs = jnp.exp(teacher_log_probs)
+  teacher_log_probs = jax.nn.log_softmax(teacher, axis=-1)
+  teacher_probs = jnp.where(visible, jnp.exp(teacher_log_probs), 0.0)
   per_row = -jnp.sum(xlogy_where_positive(teacher_probs, student_log_probs), axis=-1)
   if kind == "kl":
     per_row = per_row + jnp.sum(xlogy_where_positive(teacher_probs, teacher_log_probs), axis=-1)

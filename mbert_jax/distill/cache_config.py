@@ -192,6 +192,7 @@ def identity_key(config, teacher_step: int, pipeline) -> dict[str, Any]:
       "format": FORMAT_VERSION,
       "data": data_key,
       "teacher": {"checkpoint": teacher_path, "step": int(teacher_step),
+                  "reinitialise": bool(config.teacher.get("reinitialise", False)),
                   "compute_dtype": str(config.teacher.compute_dtype),
                   "model": _teacher_fingerprint(teacher_path)},
       "targets": {"k": int(settings.k), "value_dtype": str(settings.value_dtype),

@@ -11,8 +11,9 @@ import jax
 import ml_collections
 
 from mbert_jax.data.config import validate_data_config
+from mbert_jax.distill import micro_teacher
 from mbert_jax.distill import schedule as schedule_lib
-from mbert_jax.models import ModelConfig
+from mbert_jax.models import ModelConfig, ModernConfig, config_from_dict
 from mbert_jax.models.config import table_size_for
 from mbert_jax.training import config as train_config
 from mbert_jax.training import sharding
@@ -23,13 +24,19 @@ STOP_FIELD = "train.steps"
 RESUMABLE_DATA_FIELDS = ("cache_dir", "num_proc", "expected_drop_fraction")
 
 
-def model_config_from(section, vocab_size: int, compute_dtype: str,
-                      max_seq_length: int) -> ModelConfig:
-  """The student's (or a pretrained model's) config for a tokenizer of `vocab_size` tokens."""
+def model_config_from(section, vocab_size: int, compute_dtype: str, max_seq_length: int,
+                      special_ids: dict[str, int] | None = None) -> ModelConfig | ModernConfig:
+  """The student's (or a pretrained model's) config for a tokenizer of `vocab_size` tokens. A
+  ModernBERT/EuroBERT section's unset pad/mask ids come from the tokenizer's `special_ids`
+  (its vocabulary is trained with the run, so the config file cannot know them)."""
   d = dict(section.to_dict() if hasattr(section, "to_dict") else section)
   d["vocab_size"] = table_size_for(d.get("vocab_size", -1), vocab_size)
   d["compute_dtype"] = compute_dtype
-  return ModelConfig.from_dict(d).validate(max_seq_length=max_seq_length)
+  if "family" in d and special_ids:
+    for role in ("pad", "mask"):
+      if d.get(f"{role}_token_id") is None and special_ids.get(role, -1) >= 0:
+        d[f"{role}_token_id"] = special_ids[role]
+  return config_from_dict(d).validate(max_seq_length=max_seq_length)
 
 
 def optimizer_config(config) -> ml_collections.ConfigDict:
@@ -68,15 +75,20 @@ def validate_config(config) -> list[schedule_lib.Stage]:
   model = dict(config.model.to_dict())
   if model.get("vocab_size", -1) == -1:
     model["vocab_size"] = 1  # placeholder until the tokenizer is known
-  ModelConfig.from_dict({**model, "compute_dtype": t.compute_dtype}).validate(
+  config_from_dict({**model, "compute_dtype": t.compute_dtype}).validate(
       max_seq_length=config.data.max_seq_length)
   stages = build_stages(config, config.model.num_hidden_layers)
+  nsp_stages = [s.name for s in stages if s.weight("nsp") > 0]
+  if not config.data.next_sentence and nsp_stages:
+    raise ValueError(f"data.next_sentence=False builds single-segment examples without "
+                     f"next-sentence labels, but stage(s) {nsp_stages} weight the NSP loss: set "
+                     "schedule.nsp_factor=0 (or data.next_sentence=True)")
   if any(s.needs_teacher for s in stages):
     path = config.teacher.checkpoint
     if not path:
       raise ValueError(f"schedule `{config.schedule.name}` needs a teacher: set teacher.checkpoint "
                        "to an mbert-jax workdir or a Hugging Face directory")
-    if not os.path.isdir(path):
+    if not os.path.isdir(path) and not micro_teacher.is_micro(path):
       raise FileNotFoundError(f"teacher.checkpoint = {path!r} is not a directory")
   sharding.mesh_shape(config.mesh, jax.device_count())
   return stages
@@ -99,5 +111,6 @@ def run_identity(config) -> dict[str, Any]:
   ident = {"task": "pretrain", "model": c["model"], "schedule": sched, "kt": c.get("kt", {}),
            **sections}
   if any(s.needs_teacher for s in stages):
-    ident["teacher"] = {k: v for k, v in c["teacher"].items() if k != "compute_dtype"}
+    ident["teacher"] = {k: v for k, v in c["teacher"].items()
+                        if k not in ("compute_dtype", "frozen_fresh")}
   return ident

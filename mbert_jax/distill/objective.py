@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from mbert_jax.distill import losses
 from mbert_jax.distill import schedule as schedule_lib
 from mbert_jax.distill import teacher as teacher_lib
+from mbert_jax.distill import teacher_outputs
 from mbert_jax.models import ModelConfig, layers
 from mbert_jax.models import summary as model_summary
 from mbert_jax.training.task import ParamSubset
@@ -35,6 +36,7 @@ class LossContext:
   dropout: bool
   plan: Any = None              # teacher.TransferPlan (None: no teacher)
   cached_targets: bool = False  # kd from the batch's cached top-k teacher logits
+  nsp: bool = True              # the batches carry next-sentence labels (data.next_sentence)
 
 
 def stage_uses_heads(stage) -> bool:
@@ -97,6 +99,9 @@ def compute_loss(ctx: LossContext, params, teacher_params, batch, rng):
         batch["attention_mask"], masked_positions=positions, deterministic=True,
         num_layers=teacher_depth(ctx, stage), heads=stage.weight("kd") > 0,
         return_qkv=wants_qkv(ctx, stage), layer_outputs=bool(stage.transfer_layers))
+    if stage.transfer_layers and ctx.plan is not None:
+      teacher = teacher_outputs.adapt(teacher, ctx.teacher.cfg, teacher_params,
+                                      ctx.plan.teacher_feature_norm, ctx.plan.relation_rotary)
     teacher = jax.lax.stop_gradient(teacher)
 
   terms: dict[str, jax.Array] = {}
@@ -132,17 +137,19 @@ def compute_loss(ctx: LossContext, params, teacher_params, batch, rng):
       if "agreement" in parts:
         terms["teacher_agreement"] = parts["agreement"]
       total = total + stage.weight("kd") * kd
-  nsp, nsp_acc = losses.nsp_loss(student.nsp_logits, batch["next_sentence_labels"])
-  terms["nsp_loss"], terms["nsp_accuracy"] = nsp, nsp_acc
-  if stage.weight("nsp") > 0:
-    total = total + stage.weight("nsp") * nsp
+  if ctx.nsp:
+    nsp, nsp_acc = losses.nsp_loss(student.nsp_logits, batch["next_sentence_labels"])
+    terms["nsp_loss"], terms["nsp_accuracy"] = nsp, nsp_acc
+    if stage.weight("nsp") > 0:
+      total = total + stage.weight("nsp") * nsp
   total = total / stage.loss_divisor
   terms["loss"] = total
   return total, terms
 
 
-def make_eval_step(model, teacher):
-  """Sums over one held-out batch: student (and teacher) MLM/NSP, top-1 agreement."""
+def make_eval_step(model, teacher, nsp: bool = True):
+  """Sums over one held-out batch: student (and teacher) MLM, NSP when the data has it,
+  top-1 agreement."""
   def run(m, params, batch):
     return m.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
                    batch["attention_mask"], masked_positions=batch["masked_lm_positions"],
@@ -155,11 +162,13 @@ def make_eval_step(model, teacher):
     pred = jnp.argmax(out.mlm_logits, -1)
     logp = jax.nn.log_softmax(out.mlm_logits, -1)
     nll = -jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
-    nsp_pred = jnp.argmax(out.nsp_logits, -1)
     sums = {"weight": jnp.sum(w), "mlm_nll": jnp.sum(w * nll),
             "mlm_correct": jnp.sum(w * (pred == labels)),
-            "nsp_correct": jnp.sum(nsp_pred == batch["next_sentence_labels"]).astype(jnp.float32),
             "examples": jnp.asarray(labels.shape[0], jnp.float32)}
+    if nsp and out.nsp_logits is not None:
+      nsp_pred = jnp.argmax(out.nsp_logits, -1)
+      sums["nsp_correct"] = jnp.sum(nsp_pred == batch["next_sentence_labels"]).astype(
+          jnp.float32)
     if teacher is not None:
       t_out = run(teacher, teacher_params, batch)
       t_pred = jnp.argmax(t_out.mlm_logits, -1)
@@ -172,8 +181,9 @@ def make_eval_step(model, teacher):
 
 def summarise_eval(sums: dict[str, float]) -> dict[str, float]:
   w = max(sums["weight"], 1e-9)
-  out = {"eval/mlm_loss": sums["mlm_nll"] / w, "eval/mlm_accuracy": sums["mlm_correct"] / w,
-         "eval/nsp_accuracy": sums["nsp_correct"] / max(sums["examples"], 1)}
+  out = {"eval/mlm_loss": sums["mlm_nll"] / w, "eval/mlm_accuracy": sums["mlm_correct"] / w}
+  if "nsp_correct" in sums:
+    out["eval/nsp_accuracy"] = sums["nsp_correct"] / max(sums["examples"], 1)
   if "teacher_mlm_correct" in sums:
     out["eval/teacher_mlm_accuracy"] = sums["teacher_mlm_correct"] / w
     out["eval/teacher_agreement"] = sums["agreement"] / w

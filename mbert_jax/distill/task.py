@@ -20,15 +20,19 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from mbert_jax.data import build_pipeline
+from mbert_jax.data import tokenizer as tokenizer_lib
 from mbert_jax.distill import config as distill_config
+from mbert_jax.distill import micro_teacher
 from mbert_jax.distill import objective
 from mbert_jax.distill import schedule as schedule_lib
 from mbert_jax.distill import teacher as teacher_lib
 from mbert_jax.distill import teacher_cache
 from mbert_jax.models import ModelConfig, build, example_inputs
 from mbert_jax.models import summary as model_summary
+from mbert_jax.models.config import table_size_for
 from mbert_jax.training import optim, sharding
 from mbert_jax.training.task import Setup, StagePlan
 from mbert_jax.training.workdir import (CONFIG_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR,
@@ -65,7 +69,8 @@ def _stage_plan(config, stages, index: int, s_cfg, t_cfg, transfer, abs_params, 
   cached = index == cached_stage
   ctx = objective.LossContext(build(s_cfg), build(t_cfg) if t_cfg else None, stage,
                               _kt(config, s_cfg, t_cfg), bool(config.train.dropout),
-                              plan=transfer, cached_targets=cached)
+                              plan=transfer, cached_targets=cached,
+                              nsp=bool(config.data.get("next_sentence", True)))
   start = sum(s.steps for s in stages[:index])
   banner = (f"== stage {index + 1}/{len(stages)} `{stage.name}`: steps {start}.."
             f"{start + stage.steps}, layers {stage.num_layers or s_cfg.num_hidden_layers}, "
@@ -85,8 +90,10 @@ def _stage_plan(config, stages, index: int, s_cfg, t_cfg, transfer, abs_params, 
 
 def design(config, stages, s_cfg: ModelConfig, t_cfg: ModelConfig | None,
            transfer: teacher_lib.TransferPlan | None, teacher_params, mesh, rules,
-           cached_stage: int | None = None, cache_dir: str | None = None) -> Design:
-  """The run's programs on `mesh`, from its config and the models' configs alone."""
+           cached_stage: int | None = None, cache_dir: str | None = None,
+           seed_line: str = "") -> Design:
+  """The run's programs on `mesh`, from its config and the models' configs alone. `seed_line`
+  (what the student takes from the teacher) opens the first stage's console banner."""
   _, abs_params, p_shardings = sharding.abstract_params(build(s_cfg), example_inputs(s_cfg),
                                                         mesh, rules)
   projection = None
@@ -104,6 +111,9 @@ def design(config, stages, s_cfg: ModelConfig, t_cfg: ModelConfig | None,
   plans = tuple(_stage_plan(config, stages, i, s_cfg, t_cfg, transfer, abs_params,
                             teacher_params, cached_stage, cache_dir)
                 for i in range(len(stages)))
+  if seed_line:
+    first = dataclasses.replace(plans[0], banner=f"{seed_line}\n{plans[0].banner}")
+    plans = (first,) + plans[1:]
   return Design(s_cfg, t_cfg, transfer, abs_params, p_shardings, projection, plans)
 
 
@@ -126,7 +136,9 @@ class PretrainTask:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.stages = distill_config.validate_config(config)
-    self.config = resolve_teacher_vocab(config)
+    # A micro teacher exists once setup has written it into the workdir.
+    micro = micro_teacher.is_micro(str(config.get("teacher", {}).get("checkpoint", "")))
+    self.config = config if micro else resolve_teacher_vocab(config)
 
   def identity(self) -> dict[str, Any]:
     return distill_config.run_identity(self.config)
@@ -135,10 +147,19 @@ class PretrainTask:
     """Reads the corpus (and the teacher and its cached targets) and builds every stage."""
     c, stages = self.config, self.stages
     needs_teacher = any(s.needs_teacher for s in stages)
+    if needs_teacher and micro_teacher.is_micro(str(c.teacher.checkpoint)):
+      c = c.copy_and_resolve_references()
+      with c.unlocked():
+        c.teacher.checkpoint = micro_teacher.materialize(str(c.teacher.checkpoint), workdir,
+                                                         c.data)
+      self.config = c = resolve_teacher_vocab(c)
+    if needs_teacher:
+      self._check_vocabulary()
     pipe = build_pipeline(c.data, workdir, split="train")
     eval_pipe = build_pipeline(c.data, workdir, split="eval")
     seq = c.data.max_seq_length
-    s_cfg = distill_config.model_config_from(c.model, pipe.vocab_size, c.train.compute_dtype, seq)
+    s_cfg = distill_config.model_config_from(c.model, pipe.vocab_size, c.train.compute_dtype, seq,
+                                             pipe.special_ids)
     schedule_steps = schedule_lib.total_steps(stages)
     end_step = schedule_steps if c.train.steps == -1 else min(int(c.train.steps), schedule_steps)
     # Cached teacher targets: opened (and checked against this run's data and teacher) before
@@ -147,17 +168,19 @@ class PretrainTask:
     cached_stage = teacher_cache.distillation_stage(stages)[0] if cache is not None else None
     sharding.check_batch_divisible(c.data.batch_size, mesh, c.train.grad_accum_steps)
 
-    teacher, t_cfg, transfer = None, None, None
+    teacher, t_cfg, transfer, seed_line = None, None, None, ""
     if needs_teacher:
       teacher, t_cfg, transfer = self._open_teacher(workdir, mesh, rules, s_cfg, stages,
                                                     schedule_steps, cached_stage)
+      seed_line = self._check_seeding(s_cfg, t_cfg, teacher, stages)
     teacher_params = teacher.params if teacher is not None else None
     d = design(c, stages, s_cfg, t_cfg, transfer, teacher_params, mesh, rules, cached_stage,
-               cache.directory if cache is not None else None)
+               cache.directory if cache is not None else None, seed_line=seed_line)
     # Teacher accuracy and agreement only mean something for a teacher with a trained MLM head.
     eval_teacher = build(t_cfg) if teacher is not None and teacher.has_mlm_head else None
-    eval_fn = jax.jit(sharding.under_rules(objective.make_eval_step(build(s_cfg), eval_teacher),
-                                           mesh, rules))
+    eval_fn = jax.jit(sharding.under_rules(
+        objective.make_eval_step(build(s_cfg), eval_teacher, bool(c.data.next_sentence)),
+        mesh, rules))
 
     def init_params():
       params, _ = sharding.init_params(build(s_cfg), example_inputs(s_cfg), c.train.seed, mesh,
@@ -207,6 +230,35 @@ class PretrainTask:
         files={CONFIG_FILE: c.to_dict(), MODEL_CONFIG_FILE: s_cfg.to_dict()},
         write_side_files=lambda w: pipe.save_vocab(os.path.join(w, TOKENIZER_DIR)),
         report=report)
+
+  def _check_vocabulary(self) -> None:
+    """A student vocabulary other than the teacher's, refused before the corpus is tokenized
+    (a vocabulary still to be trained, `train:<size>`, is checked once it exists)."""
+    c = self.config
+    if tokenizer_lib.parse_trained_vocab_size(str(c.data.vocab)) is not None:
+      return
+    size = tokenizer_lib.load_tokenizer(str(c.data.vocab)).get_vocab_size(with_added_tokens=True)
+    teacher_lib.check_vocabulary(
+        table_size_for(c.model.get("vocab_size", -1), size),
+        teacher_lib.read_teacher_config(c.teacher), teacher_path=c.teacher.checkpoint,
+        student_vocab=str(c.data.vocab),
+        teacher_vocab=teacher_lib.teacher_vocab_file(c.teacher.checkpoint))
+
+  def _check_seeding(self, s_cfg: ModelConfig, t_cfg, teacher, stages) -> str:
+    """What the student will take from the teacher, said on the console (and refused where a
+    stage would freeze what could not be copied) before anything compiles; the summary line."""
+    c = self.config
+    t_shapes = (model_summary.param_shapes(t_cfg) if teacher is None else
+                {k: tuple(v.shape) for k, v in
+                 traverse_util.flatten_dict(teacher.params, sep="/").items()})
+    report = teacher_lib.plan_seed(model_summary.param_shapes(s_cfg), t_shapes, s_cfg, t_cfg,
+                                   c.teacher, teacher_fresh=teacher.fresh if teacher else ())
+    summary = "student from teacher: " + teacher_lib.seed_report_summary(report)
+    (logging.warning if report.skipped else logging.info)("%s", summary)
+    for line in teacher_lib.check_frozen_fresh(stages, report, str(c.teacher.frozen_fresh),
+                                               str(c.schedule.name)):
+      logging.warning("%s", line)
+    return summary
 
   def _open_teacher(self, workdir: str, mesh, rules, s_cfg: ModelConfig, stages,
                     schedule_steps: int, cached_stage: int | None):

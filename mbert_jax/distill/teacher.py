@@ -23,14 +23,16 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from mbert_jax.models import build, example_inputs
-from mbert_jax.distill import transfer_options
+from mbert_jax.distill import teacher_outputs, transfer_options
 from mbert_jax.interop import model_source
 from mbert_jax.training import sharding
-from mbert_jax.models import ModelConfig
+from mbert_jax.models import ModelConfig, ModernConfig
 
 # Top-level key of the projection tree in the student's params (sibling of `embeddings`,
 # `encoder`, `cls`); the student model ignores it.
 PROJECTION_KEY = "kt_projection"
+# teacher.reinitialise: fixed, so two control runs of one config agree.
+REINIT_SEED = 0
 _VOCAB_FILES = ("vocab.txt", "tokenizer.json")
 # Loss terms of `Stage.loss_weights` that read the teacher's feature maps / attention / logits.
 _FEATURE_TERMS = ("fmt", "mean", "var")
@@ -73,12 +75,18 @@ def open_teacher(teacher_cfg, mesh, rules) -> Teacher:
   _, abstract, shardings = sharding.abstract_params(build(cfg), example_inputs(cfg), mesh, rules)
   step = None if teacher_cfg.step < 0 else int(teacher_cfg.step)
   loaded = model_source.load(source, sharding.with_shardings(abstract, shardings), step=step)
+  params = loaded.params
+  if teacher_cfg.get("reinitialise", False):
+    # Loaded first all the same: a broken checkpoint is refused the same way in the control.
+    params, _ = sharding.init_params(build(cfg), example_inputs(cfg), REINIT_SEED, mesh, rules)
+    logging.warning("teacher: %s re-initialised (teacher.reinitialise=True, seed %d): a "
+                    "control run, nothing pretrained is transferred", path, REINIT_SEED)
   if source.kind == model_source.RUN:
     logging.info("teacher: %s step %d", path, loaded.step)
   else:
     logging.info("teacher: %s (%s, %d layers, width %d, %d heads)", loaded.weights,
                  loaded.layout, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads)
-  return Teacher(cfg, loaded.params, path, loaded.layout, loaded.has_mlm_head,
+  return Teacher(cfg, params, path, loaded.layout, loaded.has_mlm_head,
                  loaded.has_nsp_head, loaded.fresh, _vocab_file(source.tokenizer_dir))
 
 
@@ -115,6 +123,10 @@ class TransferPlan:
   projection: str                  # 'none' | 'shared' | 'per_layer' ('none' also: no feature term)
   attention_transfer: str          # 'per_head' | 'relation' | 'none' (no stage weights 'at')
   relation_heads: int | None       # relation heads when attention_transfer = 'relation'
+  # teacher_outputs.adapt's options, resolved: what the feature terms see of the teacher's
+  # states ('final_norm' | 'layer_norm' | 'none'), and whether relations rotate Q and K.
+  teacher_feature_norm: str = "none"
+  relation_rotary: str = "none"
 
   @property
   def needs_qkv(self) -> bool:
@@ -131,8 +143,33 @@ class TransferPlan:
   def describe(self) -> str:
     attention = self.attention_transfer + (
         f" ({self.relation_heads} relation heads)" if self.needs_qkv else "")
-    return (f"feature transfer {self.feature_transfer} (projection {self.projection}), "
-            f"attention transfer {attention}, layer map {list(self.layer_map)}")
+    if self.needs_qkv and self.relation_rotary == "rotated":
+      attention += " on rotated queries/keys"
+    features = f"feature transfer {self.feature_transfer} (projection {self.projection}"
+    if self.teacher_feature_norm != "none":
+      features += f", teacher states through {self.teacher_feature_norm}"
+    return f"{features}), attention transfer {attention}, layer map {list(self.layer_map)}"
+
+
+def check_vocabulary(student_vocab_size: int, teacher_cfg: ModelConfig | ModernConfig, *,
+                     teacher_path: str = "", student_vocab: str = "",
+                     teacher_vocab: str = "") -> None:
+  """ValueError naming the fix when the student's table is not the teacher's vocabulary."""
+  if student_vocab_size == teacher_cfg.vocab_size:
+    return
+  where = f" at {teacher_path}" if teacher_path else ""
+  fix = (f"set data.vocab={teacher_vocab}" if teacher_vocab else
+         "set data.vocab to the teacher's vocabulary file")
+  raise ValueError(
+      f"the student's vocabulary has {student_vocab_size} tokens "
+      f"(data.vocab={student_vocab or '?'}) but the teacher{where} has "
+      f"{teacher_cfg.vocab_size} (vocab file {teacher_vocab or 'unknown'}): knowledge "
+      f"transfer needs one vocabulary; {fix} (and model.vocab_size=-1)")
+
+
+def teacher_vocab_file(path: str) -> str:
+  """The tokenizer.json or vocab.txt beside a teacher's weights ('' when it has none)."""
+  return _vocab_file(_locate(path).tokenizer_dir)
 
 
 def _uses(stages: Sequence[Any], terms: Sequence[str]) -> list[Any]:
@@ -154,14 +191,8 @@ def check_transfer(kt_cfg: Any, stages: Sequence[Any], student_cfg: ModelConfig,
   only make messages name the files. Returns the resolved plan (log `plan.describe()`).
   """
   where = f" at {teacher_path}" if teacher_path else ""
-  if student_cfg.vocab_size != teacher_cfg.vocab_size:
-    fix = (f"set data.vocab={teacher_vocab}" if teacher_vocab else
-           "set data.vocab to the teacher's vocabulary file")
-    raise ValueError(
-        f"the student's vocabulary has {student_cfg.vocab_size} tokens "
-        f"(data.vocab={student_vocab or '?'}) but the teacher{where} has "
-        f"{teacher_cfg.vocab_size} (vocab file {teacher_vocab or 'unknown'}): knowledge "
-        f"transfer needs one vocabulary; {fix} (and model.vocab_size=-1)")
+  check_vocabulary(student_cfg.vocab_size, teacher_cfg, teacher_path=teacher_path,
+                   student_vocab=student_vocab, teacher_vocab=teacher_vocab)
   kd_stages = _uses(stages, ("kd",))
   if kd_stages and not teacher_has_mlm_head:
     names = ", ".join(repr(s.name) for s in kd_stages)
@@ -182,16 +213,24 @@ def check_transfer(kt_cfg: Any, stages: Sequence[Any], student_cfg: ModelConfig,
     projection = transfer_options.resolve_feature_projection(
         option("feature_transfer"), option("feature_projection"), student_cfg.hidden_size,
         teacher_cfg.hidden_size)
-  attention, heads = "none", None
+  feature_norm = "none"
+  if _uses(stages, _FEATURE_TERMS):
+    feature_norm = teacher_outputs.resolve_feature_norm(option("teacher_feature_norm"),
+                                                        teacher_cfg)
+  attention, heads, rotary = "none", None, "none"
   if _uses(stages, ("at",)):
     attention = transfer_options.resolve_attention_transfer(
         option("attention_transfer"), student_cfg.num_attention_heads,
         teacher_cfg.num_attention_heads)
     if attention == "relation":
       heads = transfer_options.resolve_relation_heads(
-          option("relation_heads"), student_cfg.true_hidden_size, teacher_cfg.true_hidden_size,
-          student_cfg.num_attention_heads, teacher_cfg.num_attention_heads)
-  return TransferPlan(mapping, option("feature_transfer"), projection, attention, heads)
+          option("relation_heads"), teacher_outputs.qkv_width(student_cfg),
+          teacher_outputs.qkv_width(teacher_cfg), student_cfg.num_attention_heads,
+          teacher_cfg.num_attention_heads)
+      if isinstance(teacher_cfg, ModernConfig):
+        rotary = teacher_outputs.resolve_relation_rotary(option("relation_rotary"))
+  return TransferPlan(mapping, option("feature_transfer"), projection, attention, heads,
+                      feature_norm, rotary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,10 +298,12 @@ def _copy_candidates(s_cfg: ModelConfig, t_cfg: ModelConfig,
   """(path prefix, None if switched on else why it is off) for everything a teacher may seed."""
   norm = teacher_cfg.copy_embedding_norm
   if norm == "auto":
-    same = s_cfg.normalization_type == t_cfg.normalization_type
+    teacher_norm = (t_cfg.norm_type if isinstance(t_cfg, ModernConfig)
+                    else t_cfg.normalization_type)
+    same = s_cfg.normalization_type == teacher_norm
     norm_off = None if same else (
         f"switched off (teacher.copy_embedding_norm=auto: student {s_cfg.normalization_type} "
-        f"vs teacher {t_cfg.normalization_type})")
+        f"vs teacher {teacher_norm})")
   else:
     norm_off = None if norm else "switched off (teacher.copy_embedding_norm=False)"
   embeddings_off = None if teacher_cfg.copy_embeddings else (
@@ -289,8 +330,41 @@ def _copy_leaf(teacher_leaf: Any, student_leaf: Any) -> Any:
   return copy
 
 
+def plan_seed(student_shapes: Mapping[str, Sequence[int]],
+              teacher_shapes: Mapping[str, Sequence[int]], s_cfg: ModelConfig,
+              t_cfg: ModelConfig | ModernConfig, teacher_cfg: Any, *,
+              teacher_fresh: Sequence[str] = ()) -> SeedReport:
+  """What `init_student_from_teacher` will copy, from the flattened parameter shapes alone (so
+  it can be checked before anything is loaded or compiled)."""
+  fresh_in_teacher = set(teacher_fresh)
+  candidates = _copy_candidates(s_cfg, t_cfg, teacher_cfg)
+  copied: list[str] = []
+  skipped: list[tuple[str, str]] = []
+  for path in sorted(student_shapes):
+    off = [why for prefix, why in candidates if path.startswith(prefix)]
+    if not off:
+      continue
+    s_shape = tuple(student_shapes[path])
+    if off[0] is not None:
+      skipped.append((path, off[0]))
+    elif path not in teacher_shapes:
+      skipped.append((path, "missing in teacher"))
+    elif path in fresh_in_teacher:
+      skipped.append((path, "missing in teacher checkpoint (initialised fresh on import)"))
+    elif tuple(teacher_shapes[path]) != s_shape:
+      skipped.append((path, f"shape {s_shape} vs {tuple(teacher_shapes[path])} (student vs "
+                            "teacher)"))
+    else:
+      copied.append(path)
+  return SeedReport(tuple(copied), tuple(skipped))
+
+
+def _shapes(flat: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  return {k: tuple(v.shape) for k, v in flat.items()}
+
+
 def init_student_from_teacher(params: Any, teacher_params: Any, s_cfg: ModelConfig,
-                              t_cfg: ModelConfig, teacher_cfg: Any, *,
+                              t_cfg: ModelConfig | ModernConfig, teacher_cfg: Any, *,
                               teacher_fresh: Sequence[str] = ()) -> tuple[Any, SeedReport]:
   """Copies the teacher's embeddings and heads into the student where the shapes agree (spec
   §9.3); every other candidate stays freshly initialised and is reported with the reason.
@@ -298,31 +372,63 @@ def init_student_from_teacher(params: Any, teacher_params: Any, s_cfg: ModelConf
   Candidates are the embedding tables, embedding transformation and norm, and the MLM and NSP
   heads, each switched by `teacher_cfg.copy_*`. `teacher_fresh` lists teacher paths its
   checkpoint lacked (`Teacher.fresh`): random, so never copied. Returns the new params and a
-  `SeedReport`; the encoder and anything else are untouched and not reported.
+  `SeedReport` (`plan_seed`'s); the encoder and anything else are untouched and not reported.
   """
   s_flat = traverse_util.flatten_dict(params, sep="/")
   t_flat = traverse_util.flatten_dict(teacher_params, sep="/")
-  fresh_in_teacher = set(teacher_fresh)
-  candidates = _copy_candidates(s_cfg, t_cfg, teacher_cfg)
-  copied: list[str] = []
-  skipped: list[tuple[str, str]] = []
-  for path in sorted(s_flat):
-    off = [why for prefix, why in candidates if path.startswith(prefix)]
-    if not off:
-      continue
-    if off[0] is not None:
-      skipped.append((path, off[0]))
-    elif path not in t_flat:
-      skipped.append((path, "missing in teacher"))
-    elif path in fresh_in_teacher:
-      skipped.append((path, "missing in teacher checkpoint (initialised fresh on import)"))
-    elif tuple(t_flat[path].shape) != tuple(s_flat[path].shape):
-      skipped.append((path, f"shape {tuple(s_flat[path].shape)} vs "
-                            f"{tuple(t_flat[path].shape)} (student vs teacher)"))
-    else:
-      s_flat[path] = _copy_leaf(t_flat[path], s_flat[path])
-      copied.append(path)
-  return traverse_util.unflatten_dict(s_flat, sep="/"), SeedReport(tuple(copied), tuple(skipped))
+  report = plan_seed(_shapes(s_flat), _shapes(t_flat), s_cfg, t_cfg, teacher_cfg,
+                     teacher_fresh=teacher_fresh)
+  for path in report.copied:
+    s_flat[path] = _copy_leaf(t_flat[path], s_flat[path])
+  return traverse_util.unflatten_dict(s_flat, sep="/"), report
+
+
+# Parameter groups (schedule.GROUPS) a stage runs: embeddings always, the heads only for the
+# output terms.
+_HEAD_TERMS = ("mlm", "kd", "nsp")
+FROZEN_FRESH_MODES = ("refuse", "warn")
+
+
+def frozen_fresh(stages: Sequence[Any], report: SeedReport) -> list[tuple[str, list[str], bool]]:
+  """(stage, fresh paths it runs frozen, whether any could not be copied) per stage that runs
+  freshly initialised embeddings or heads without training them. Paths switched off by
+  `teacher.copy_*` are the user's choice; the others (another width, a headless teacher)
+  could never have been copied."""
+  out = []
+  for stage in stages:
+    frozen = []
+    if stage.multipliers.embeddings is None:
+      frozen.append("embeddings/")
+    if stage.multipliers.heads is None and any(stage.weight(t) > 0 for t in _HEAD_TERMS):
+      frozen.extend(("cls/", "pooler/"))
+    paths = [(p, why) for p, why in report.skipped if p.startswith(tuple(frozen))]
+    if paths:
+      uncopyable = any(not why.startswith("switched off") for _, why in paths)
+      out.append((stage.name, [p for p, _ in paths], uncopyable))
+  return out
+
+
+def check_frozen_fresh(stages: Sequence[Any], report: SeedReport, mode: str,
+                       schedule_name: str) -> list[str]:
+  """Refuses (mode 'refuse') a schedule whose stages freeze parameters the teacher could not
+  seed, naming `pkt_tf2`; returns the warnings to log otherwise (one per stage)."""
+  if mode not in FROZEN_FRESH_MODES:
+    raise ValueError(f"teacher.frozen_fresh={mode!r}: choose one of {FROZEN_FRESH_MODES}")
+  found = frozen_fresh(stages, report)
+  names = [name for name, _, uncopyable in found if uncopyable]
+  if names and mode == "refuse":
+    paths = sorted({p for _, ps, uncopyable in found if uncopyable for p in ps})
+    shown = ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
+    raise ValueError(
+        f"schedule `{schedule_name}` freezes {shown} in {len(names)} stage(s) ({names[0]} ...) "
+        "but the teacher could not seed them (see the kept-fresh list: another width or no "
+        "such tensor), so they would stay random through those stages: use "
+        "schedule.name=pkt_tf2 (trains the embeddings in the layer-wise phases), or set "
+        "teacher.frozen_fresh=warn to run it anyway")
+  return [f"stage `{name}` runs {', '.join(paths)} frozen at their fresh initialisation "
+          "(not copied from the teacher)" + ("; schedule.name=pkt_tf2 trains them"
+                                             if uncopyable else "")
+          for name, paths, uncopyable in found]
 
 
 def seed_report_summary(report: SeedReport) -> str:
@@ -338,4 +444,5 @@ def seed_report_summary(report: SeedReport) -> str:
 
 __all__ = ["PROJECTION_KEY", "Teacher", "TransferPlan", "SeedReport", "open_teacher",
            "load_teacher", "check_transfer", "init_transfer_params",
-           "init_student_from_teacher", "seed_report_summary"]
+           "init_student_from_teacher", "plan_seed", "check_vocabulary", "teacher_vocab_file", "check_frozen_fresh", "frozen_fresh",
+           "seed_report_summary"]

@@ -37,6 +37,11 @@ TRANSFER_DEFAULTS: dict[str, Any] = {
     "attention_transfer": "auto",    # auto | per_head | relation (see ATTENTION_TRANSFERS)
     "relation_heads": 0,             # relation heads; 0 = auto (`auto_relation_heads`)
     "layer_map": (),                 # 1-based teacher layer per student layer; () = uniform
+    # Pre-norm (ModernBERT/EuroBERT) teachers: what their un-normalised residual stream goes
+    # through before the feature terms, and whether relations see rotated queries and keys
+    # (teacher_outputs.py says why each default).
+    "teacher_feature_norm": "auto",  # auto | final_norm | layer_norm | none
+    "relation_rotary": "rotated",    # rotated | none
 }
 
 

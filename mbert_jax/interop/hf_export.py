@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,14 +21,18 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
-from mbert_jax.data.tokenizer import TOKENIZER_FILES
+from mbert_jax.data.tokenizer import TOKENIZER_FILES, export_tokenizer
 from mbert_jax.interop.hf_names import (CONFIG_NAME, SAFETENSORS_NAME, entries, is_head,
                                         placeholders)
+from mbert_jax.models import modern_config
 from mbert_jax.models.config import ModelConfig, to_hf_config
+from mbert_jax.models.modern_config import ModernConfig
 from mbert_jax.models.summary import param_shapes
 
 # What each exported head becomes in transformers.
-ARCHITECTURES = {"pretraining": "MobileBertForPreTraining",
+# "masked_lm": a student trained without NSP (data.next_sentence=False), its never-trained NSP
+# head and the pooler only that head reads left out.
+ARCHITECTURES = {"pretraining": "MobileBertForPreTraining", "masked_lm": "MobileBertForMaskedLM",
                  "classification": "MobileBertForSequenceClassification",
                  "question_answering": "MobileBertForQuestionAnswering"}
 # Our fine-tuning heads are one Dense each, named as Hugging Face names the Linear.
@@ -73,13 +76,19 @@ def _table_state_dict(cfg: ModelConfig, flat: Mapping[str, np.ndarray],
   return sd
 
 
-def to_state_dict(model_config: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """The `MobileBertForPreTraining` state dict of a parameter tree (float32 numpy, HF names)."""
+def to_state_dict(model_config: ModelConfig, params: Mapping[str, Any], nsp: bool = True
+                  ) -> dict[str, np.ndarray]:
+  """The `MobileBertForPreTraining` state dict of a parameter tree (float32 numpy, HF names);
+  nsp=False: `MobileBertForMaskedLM`'s (no NSP head, no pooler)."""
   cfg = model_config.validate()
   to_hf_config(cfg)  # raises for the IB-BERT teacher before any work
   flat = _flat_params(params)
   _check_shapes(flat, param_shapes(cfg))
-  return _table_state_dict(cfg, flat, ("backbone", "pooler", "heads"))
+  sd = _table_state_dict(cfg, flat, ("backbone", "pooler", "heads"))
+  if not nsp:
+    sd = {k: v for k, v in sd.items()
+          if not k.startswith(("cls.seq_relationship.", "mobilebert.pooler."))}
+  return sd
 
 
 def _task_layout(cfg: ModelConfig, head: str, flat: Mapping[str, np.ndarray]
@@ -146,14 +155,14 @@ def task_hf_config(model_config: ModelConfig, head: str, num_labels: int,
           "problem_type": "regression" if num_labels == 1 else "single_label_classification"}
 
 
-def _tokenizer_files(tokenizer_dir: str | os.PathLike | None) -> list[Path]:
+def _tokenizer_dir(tokenizer_dir: str | os.PathLike | None) -> str | None:
+  """`tokenizer_dir` checked before anything is written; None when there is none."""
   if tokenizer_dir is None:
-    return []
+    return None
   tok = Path(tokenizer_dir)
-  files = [tok / f for f in TOKENIZER_FILES if (tok / f).is_file()]
-  if not files:
+  if not any((tok / f).is_file() for f in TOKENIZER_FILES):
     raise FileNotFoundError(f"tokenizer_dir {tok}: none of {TOKENIZER_FILES} found")
-  return files
+  return str(tok)
 
 
 def _warn_lossy_semantics(cfg: ModelConfig) -> None:
@@ -169,34 +178,38 @@ def _warn_lossy_semantics(cfg: ModelConfig) -> None:
 
 
 def _write(path: str | os.PathLike, hf_cfg: Mapping[str, Any], sd: Mapping[str, np.ndarray],
-           tok_files: list[Path]) -> Path:
+           tokenizer_dir: str | None) -> Path:
   from safetensors.numpy import save_file
   out = Path(path)
   out.mkdir(parents=True, exist_ok=True)
   hf_cfg = {**hf_cfg, "dtype": "float32"}
   (out / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
   save_file(dict(sd), str(out / SAFETENSORS_NAME), metadata={"format": "pt"})
-  for f in tok_files:
-    shutil.copyfile(f, out / f.name)
+  if tokenizer_dir is not None:
+    # A BPE student leaves with a tokenizer.json-based fast tokenizer AutoTokenizer loads.
+    export_tokenizer(tokenizer_dir, str(out))
   return out
 
 
 def save(model_config: ModelConfig, params: Mapping[str, Any], path: str | os.PathLike, *,
-         tokenizer_dir: str | os.PathLike | None = None) -> Path:
+         tokenizer_dir: str | os.PathLike | None = None, nsp: bool = True) -> Path:
   """Writes a Hugging Face `MobileBertForPreTraining` directory; returns its path.
 
   config.json states every architecture field (Hugging Face's defaults are not the released
   model's); model.safetensors holds `mobilebert.*` and `cls.*` tensors with [out, in]
   kernels; the tied `cls.predictions.decoder.*` are left out as `save_pretrained` leaves them
   out. The IB-BERT teacher cannot be represented and raises ValueError. With `tokenizer_dir`,
-  its tokenizer files are copied alongside.
+  its tokenizer files are copied alongside. nsp=False (a student trained without NSP): a
+  `MobileBertForMaskedLM` directory, without the head that never learned.
   """
   cfg = model_config.validate()
   hf_cfg = to_hf_config(cfg)
-  sd = to_state_dict(cfg, params)
-  tok_files = _tokenizer_files(tokenizer_dir)
+  if not nsp:
+    hf_cfg = {**hf_cfg, "architectures": [ARCHITECTURES["masked_lm"]]}
+  sd = to_state_dict(cfg, params, nsp)
+  tok_dir = _tokenizer_dir(tokenizer_dir)
   _warn_lossy_semantics(cfg)
-  return _write(path, hf_cfg, sd, tok_files)
+  return _write(path, hf_cfg, sd, tok_dir)
 
 
 def save_task(model_config: ModelConfig, params: Mapping[str, Any], path: str | os.PathLike, *,
@@ -214,10 +227,49 @@ def save_task(model_config: ModelConfig, params: Mapping[str, Any], path: str | 
   sd = task_state_dict(cfg, params, head)
   outputs = int(sd[f"{_TASK_HEADS[head]}.bias"].shape[0])
   hf_cfg = task_hf_config(cfg, head, outputs, label_names)
-  tok_files = _tokenizer_files(tokenizer_dir)
+  tok_dir = _tokenizer_dir(tokenizer_dir)
   _warn_lossy_semantics(cfg)
-  return _write(path, hf_cfg, sd, tok_files)
+  return _write(path, hf_cfg, sd, tok_dir)
 
 
-__all__ = ["ARCHITECTURES", "save", "save_task", "task_hf_config", "task_state_dict",
+# ---------------------------------------------------------------------------- ModernBERT, EuroBERT
+# Fields of a ModernConfig that config.json does not carry: they change how we run, not what.
+_RUN_FIELDS = ("compute_dtype", "scan_layers", "remat", "attention_mask_value")
+
+
+def modern_state_dict(cfg: ModernConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The `ModernBertForMaskedLM` / `EuroBertForMaskedLM` state dict of a parameter tree: the
+  inverse of the import's table (fused projections re-joined, [out, in] kernels)."""
+  flat = _flat_params(params)
+  _check_shapes(flat, param_shapes(cfg))
+  sd: dict[str, np.ndarray] = {}
+  for entry in entries(cfg):
+    arr = flat[entry.ours].astype(np.float32)
+    slices = ([(entry.hf.format(i=i), arr[i]) for i in range(entry.from_layer,
+                                                              cfg.num_hidden_layers)]
+              if entry.layered else [(entry.hf, arr)])
+    for key, t in slices:
+      if entry.split:
+        t = t.reshape(t.shape[:-2] + (-1,))
+      sd[key if is_head(key) else "model." + key] = np.ascontiguousarray(
+          t.T if entry.transpose else t)
+  return sd
+
+
+def save_modern(cfg: ModernConfig, params: Mapping[str, Any], path: str | os.PathLike, *,
+                tokenizer_dir: str | os.PathLike | None = None) -> Path:
+  """Writes a ModernBERT/EuroBERT model as the Hugging Face masked-LM directory that
+  `hf_import` (and transformers) read back; ValueError for options config.json cannot carry."""
+  cfg = cfg.validate()
+  hf_cfg = modern_config.to_hf_config(cfg)
+  back = modern_config.from_hf_config(hf_cfg)
+  lost = [f for f in cfg.to_dict() if f not in _RUN_FIELDS
+          and getattr(back, f) != getattr(cfg, f)]
+  if lost:
+    raise ValueError(f"a Hugging Face {cfg.family} config.json cannot represent this model's "
+                     f"{', '.join(lost)}: keep it as an mbert-jax run (--format=flax)")
+  return _write(path, hf_cfg, modern_state_dict(cfg, params), _tokenizer_dir(tokenizer_dir))
+
+
+__all__ = ["ARCHITECTURES", "modern_state_dict", "save", "save_modern", "save_task", "task_hf_config", "task_state_dict",
            "to_state_dict"]

@@ -242,6 +242,32 @@ def from_hf_config(d: Mapping[str, Any]) -> ModernConfig:
   raise ValueError(f"model_type {model_type!r} is not one of {FAMILIES}")
 
 
+def to_hf_config(cfg: ModernConfig) -> dict[str, Any]:
+  """The `config.json` of a ModernBERT/EuroBERT directory that `from_hf_config` (and
+  transformers) read back as `cfg`, every architecture field stated."""
+  common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                num_hidden_layers=cfg.num_hidden_layers,
+                num_attention_heads=cfg.num_attention_heads,
+                intermediate_size=cfg.intermediate_size,
+                max_position_embeddings=cfg.max_position_embeddings,
+                attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
+                tie_word_embeddings=cfg.tie_word_embeddings,
+                attention_dropout=cfg.attention_dropout, pad_token_id=cfg.pad_token_id,
+                mask_token_id=cfg.mask_token_id, initializer_range=cfg.initializer_range)
+  if cfg.family == "modernbert":
+    return dict(common, model_type="modernbert", architectures=["ModernBertForMaskedLM"],
+                hidden_activation=cfg.hidden_act, norm_eps=cfg.norm_eps, norm_bias=cfg.norm_bias,
+                layer_types=list(cfg.layer_types or ("full_attention",) * cfg.num_hidden_layers),
+                local_attention=cfg.local_attention, global_rope_theta=cfg.rope_theta,
+                local_rope_theta=cfg.local_rope_theta,
+                classifier_activation=cfg.head_activation, classifier_bias=cfg.head_bias,
+                decoder_bias=cfg.decoder_bias, embedding_dropout=cfg.embedding_dropout,
+                mlp_dropout=cfg.mlp_dropout)
+  return dict(common, model_type="eurobert", architectures=["EuroBertForMaskedLM"],
+              num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+              hidden_act=cfg.hidden_act, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta)
+
+
 # ---------------------------------------------------------------------------- presets
 def _every_third(n: int) -> tuple[str, ...]:
   return tuple("sliding_attention" if i % 3 else "full_attention" for i in range(n))
@@ -283,4 +309,5 @@ def modern_preset(name: str, **overrides: Any) -> ModernConfig:
   return MODERN_PRESETS[name].replace(**overrides).validate()
 
 
-__all__ = ["FAMILIES", "MODERN_PRESETS", "ModernConfig", "from_hf_config", "modern_preset"]
+__all__ = ["FAMILIES", "MODERN_PRESETS", "ModernConfig", "from_hf_config", "modern_preset",
+           "to_hf_config"]
