@@ -239,10 +239,17 @@ def test_parameter_counts_of_full_presets():
   assert teacher["pooler"] == 262_656
 
 
-@pytest.mark.parametrize("name,flops", [("mobilebert", 5.39e9), ("mobilebert_tiny", 3.07e9),
-                                        ("bert_base", 22.35e9)])
-def test_forward_flops_at_128(name, flops):
-  assert abs(forward_flops(preset(name), 128) / flops - 1) < 0.05
+# (preset, the count docs/status.md prints, the paper's figure). The printed digits are what
+# `models.summary` computes (2 x multiply-accumulates of the matmuls, no heads); the paper's
+# rounded figures sit within 6% of them (its 5.7B for MobileBERT: within 5.5%).
+@pytest.mark.parametrize("name,printed,paper", [("mobilebert", "5.39B", 5.7e9),
+                                                ("mobilebert_tiny", "3.07B", 3.1e9),
+                                                ("bert_base", "22.35B", 22.5e9)])
+def test_forward_flops_at_128(name, printed, paper):
+  flops = forward_flops(preset(name), 128)
+  digits = len(printed.rstrip("B").split(".")[1])
+  assert f"{flops / 1e9:.{digits}f}B" == printed
+  assert abs(flops / paper - 1) < 0.06
 
 
 # ----------------------------------------------------------------------------- validation
