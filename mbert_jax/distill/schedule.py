@@ -23,6 +23,9 @@ from mbert_jax.distill.stage import (GroupMultipliers, LRSchedule, Stage, is_num
 GROUPS = ("embeddings", "encoder", "heads")
 GROUP_PATTERNS = (
     ("embeddings", re.compile(r"^embeddings/")),
+    # A pre-norm encoder's (ModernBERT's) final norm has no layer axis and normalises only the
+    # last layer's output, for the heads: it learns with them.
+    ("heads", re.compile(r"^encoder/final_norm/")),
     ("encoder", re.compile(r"^encoder/")),
     ("heads", re.compile(r"^(cls|pooler)/")),
 )

@@ -101,10 +101,15 @@ def load_backbone(source: InitSource, init_cfg, abs_params, shardings) -> dict[s
   """The initial model's embeddings / encoder / pooler, placed with the fine-tuning shardings.
 
   Only the parts both models have are read: a pooler the fine-tuning model lacks is skipped,
-  one the checkpoint lacks stays fresh.
+  one the checkpoint lacks stays fresh, and so does one it never trained (a run without NSP,
+  the pooler's only reader: `ModelSource.nsp_trained`).
   """
+  trained_pooler = source.checkpoint.nsp_trained
+  if source.model_config.classifier_activation and not trained_pooler:
+    logging.info("init: %s trained without NSP, so its pooler never learned: initialised fresh",
+                 source.path)
   has = {"embeddings", "encoder"} | (
-      {"pooler"} if source.model_config.classifier_activation else set())
+      {"pooler"} if source.model_config.classifier_activation and trained_pooler else set())
   parts = [k for k in BACKBONE if k in abs_params and k in has]
   target = {k: sharding.with_shardings(abs_params[k], shardings[k]) for k in parts}
   step = None if int(init_cfg.step) < 0 else int(init_cfg.step)

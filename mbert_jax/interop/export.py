@@ -7,7 +7,8 @@
         [--calibration=<text lines or dev TSV>] --out=<dir>
 
 The kind of model follows the run: a pretraining or distillation run exports the MLM + NSP
-model, a GLUE fine-tuning run (task.json kind=glue) the sequence classifier (1 output for
+model (the MLM model alone, `MobileBertForMaskedLM`, when it trained without NSP:
+data.next_sentence=False), a GLUE fine-tuning run (task.json kind=glue) the sequence classifier (1 output for
 STS-B: regression), a SQuAD run the span extractor.
 
 `hf`: a Hugging Face directory (config.json, model.safetensors, tokenizer files) that
@@ -36,14 +37,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
 
 from mbert_jax import cli
-from mbert_jax.data.tokenizer import FINETUNE_SPECIAL_TOKENS, TOKENIZER_FILES, load_tokenizer
+from mbert_jax.data.tokenizer import FINETUNE_SPECIAL_TOKENS, export_tokenizer, load_tokenizer
 from mbert_jax.finetune import glue, squad
 from mbert_jax.finetune.glue import get_task
 from mbert_jax.interop import hf_export, model_source, onnx_export, predict
@@ -75,12 +75,8 @@ def save_flax(cfg: ModelConfig, params: Any, out: str, tokenizer_dir: str | None
 
 
 def _copy_tokenizer(tokenizer_dir: str | None, out: str) -> None:
-  if not tokenizer_dir:
-    return
-  for name in TOKENIZER_FILES:
-    src = os.path.join(tokenizer_dir, name)
-    if os.path.exists(src):
-      shutil.copy(src, os.path.join(out, name))
+  if tokenizer_dir:
+    export_tokenizer(tokenizer_dir, out)
 
 
 # ---------------------------------------------------------------------------- task metadata
@@ -138,9 +134,21 @@ def _architecture_lines(cfg: ModelConfig) -> list[str]:
   ]
 
 
+def export_head(source: model_source.ModelSource) -> str:
+  """The head an export carries: a run's own, except that a pretraining run trained without
+  NSP (data.next_sentence=False) leaves as a masked-LM model (`ModelSource.nsp_trained`)."""
+  if source.head == "pretraining" and not source.nsp_trained:
+    return "masked_lm"
+  return source.head
+
+
 def _head_line(head: str, task_info: dict | None) -> str:
   if head == "pretraining":
     return "masked-language-model and next-sentence heads (pretraining)"
+  if head == "masked_lm":
+    return ("masked-language-model head; trained without next-sentence prediction "
+            "(data.next_sentence=False), so the NSP head never learned: hf and onnx leave it "
+            "and the pooler out, flax keeps their untrained parameters so the model builds")
   if head == "question_answering":
     return f"span extraction (start/end logits), SQuAD v{task_info.get('squad_version')}"
   names = task_info.get("label_names") or []
@@ -216,8 +224,9 @@ def _usage_lines(fmt: str, head: str) -> list[str]:
   if fmt == "hf":
     architecture = hf_export.ARCHITECTURES[head]
     return ["```python", "import transformers",
-            f"model = transformers.{architecture}.from_pretrained('<this directory>')", "```"]
-  if head == "pretraining":
+            f"model = transformers.{architecture}.from_pretrained('<this directory>')",
+            "tokenizer = transformers.AutoTokenizer.from_pretrained('<this directory>')", "```"]
+  if head in ("pretraining", "masked_lm"):
     return ["`mbert_jax.interop.export.load_flax` reads a flax export; an onnx export runs in ONNX "
             f"Runtime with the inputs in `{IO_FILE}`."]
   return ["```bash", "python -m mbert_jax.predict --model=<this directory> --text='...'", "```"]
@@ -237,7 +246,7 @@ def model_card(model: LoadedModel, fmt: str, quantize: str, files: list[str],
   lines = [f"# MobileBERT family model: {title}", "",
            f"Exported by `python -m mbert_jax.export`; format: {fmt_line}.", "",
            "## Model", "", *_architecture_lines(cfg),
-           f"- head: {_head_line(source.head, task_info)}",
+           f"- head: {_head_line(export_head(source), task_info)}",
            f"- parameters: {params:,} in this export ({backbone:,} in embeddings and encoder)",
            f"- files: {', '.join(sorted(files))}", ""]
   if onnx_info:
@@ -264,7 +273,7 @@ def model_card(model: LoadedModel, fmt: str, quantize: str, files: list[str],
   if quantize != "none":
     lines += [f"The {quantize} model's own figures are not measured at export; quantization "
               "changes logits slightly.", ""]
-  lines += ["## Use", "", *_usage_lines(fmt, source.head), ""]
+  lines += ["## Use", "", *_usage_lines(fmt, export_head(source)), ""]
   return "\n".join(lines)
 
 
@@ -350,15 +359,16 @@ def export(workdir: str, fmt: str, out: str, step: int | None = None,
       route = "ONNX export goes through the Hugging Face model, and " if fmt == "onnx" else ""
       raise ValueError(route + str(e)) from e
   model = model_source.load(source, step=step, purpose="export")
-  cfg, head, params = source.model_config, source.head, model.params
+  cfg, head, params = source.model_config, export_head(source), model.params
   if fmt in ("hf", "onnx"):
     cfg = cfg.replace(compute_dtype="float32")
   task_info = export_task_info(model)
   label_names = (task_info or {}).get("label_names") or None
   onnx_info = None
   if fmt == "hf":
-    if head == "pretraining":
-      hf_export.save(cfg, params, out, tokenizer_dir=source.tokenizer_dir)
+    if head in ("pretraining", "masked_lm"):
+      hf_export.save(cfg, params, out, tokenizer_dir=source.tokenizer_dir,
+                     nsp=head == "pretraining")
     else:
       hf_export.save_task(cfg, params, out, head=head, label_names=label_names,
                           tokenizer_dir=source.tokenizer_dir)

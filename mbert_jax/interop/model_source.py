@@ -31,7 +31,8 @@ from mbert_jax.data.tokenizer import TOKENIZER_FILES
 from mbert_jax.interop import export_files, hf_import
 from mbert_jax.interop.hf_names import (CONFIG_NAME, SENTENCE_TRANSFORMERS_MODULES,
                                         TORCH_INDEX_NAME, TORCH_NAME)
-from mbert_jax.models import ModelConfig, build_for, example_inputs
+from mbert_jax.models import (ModelConfig, ModernConfig, build_for, config_from_dict,
+                              example_inputs)
 from mbert_jax.training import checkpoint as ckpt_lib
 from mbert_jax.training import sharding
 from mbert_jax.training.workdir import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_CONFIG_FILE, TASK_FILE,
@@ -52,7 +53,7 @@ class ModelSource:
   """What a path or hub name holds, read without its weights."""
   kind: str                      # RUN | HF | SENTENCE_TRANSFORMERS
   path: str                      # the local directory (for a hub name: its downloaded copy)
-  model_config: ModelConfig
+  model_config: ModelConfig | ModernConfig
   tokenizer_dir: str | None      # holds tokenizer.json or vocab.txt; None when there is none
   setting: str                   # the config field or flag that named it, for messages
   hub_name: str | None = None    # the hub name `path` was downloaded from
@@ -69,6 +70,14 @@ class ModelSource:
       raise ValueError(f"{os.path.join(self.path, TASK_FILE)} has kind={kind!r}; expected glue "
                        "or squad")
     return _RUN_HEADS[kind]
+
+  @property
+  def nsp_trained(self) -> bool:
+    """False for a pretraining run with data.next_sentence=False: its NSP head (and the pooler
+    only that head reads) exists but never learned anything, so nothing should treat it as
+    trained (export leaves it out, fine-tuning starts the pooler fresh)."""
+    data = self.run_config.get("data") or {}
+    return not (self.kind == RUN and self.task is None and data.get("next_sentence") is False)
 
   @property
   def num_labels(self) -> int:
@@ -112,7 +121,7 @@ def _read_json_if_any(path: str) -> Any:
 
 
 def _run_source(path: str, setting: str) -> ModelSource:
-  cfg = ModelConfig.from_dict(read_json(os.path.join(path, MODEL_CONFIG_FILE)))
+  cfg = config_from_dict(read_json(os.path.join(path, MODEL_CONFIG_FILE)))
   tokenizer = os.path.join(path, TOKENIZER_DIR)
   return ModelSource(RUN, path, cfg, tokenizer if os.path.isdir(tokenizer) else None, setting,
                      run_config=_read_json_if_any(os.path.join(path, CONFIG_FILE)) or {},
@@ -190,7 +199,8 @@ def _load_run(source: ModelSource, target: Any, step: int | None, purpose: str) 
   if on_host:
     params = jax.tree.map(np.asarray, params)
   pretraining = head == "pretraining"
-  return LoadedModel(source, params, at, "mbert-jax", pretraining, pretraining, (), ckpt_dir)
+  nsp = pretraining and source.nsp_trained and isinstance(source.model_config, ModelConfig)
+  return LoadedModel(source, params, at, "mbert-jax", pretraining, nsp, (), ckpt_dir)
 
 
 def _place(source: ModelSource, part: str, params: dict[str, Any], target: Any) -> Any:
@@ -243,11 +253,11 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any, i
   return model.source.model_config, model.params, model.step
 
 
-def load_flax(path: str) -> tuple[ModelConfig, Any]:
-  """Reads a `--format=flax` export: (ModelConfig, params as a nested dict of numpy arrays)."""
+def load_flax(path: str) -> tuple[ModelConfig | ModernConfig, Any]:
+  """Reads a `--format=flax` export: (its model config, params as a nested dict of numpy)."""
   from safetensors.numpy import load_file
   with open(os.path.join(path, export_files.MODEL_CONFIG_FILE)) as f:
-    cfg = ModelConfig.from_dict(json.load(f))
+    cfg = config_from_dict(json.load(f))
   flat = load_file(os.path.join(path, export_files.FLAX_PARAMS_FILE))
   return cfg, traverse_util.unflatten_dict(flat, sep="/")
 

@@ -37,8 +37,10 @@ from mbert_jax.models import ModelConfig
 
 OPSET = 18
 INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
-HEADS = ("pretraining", "classification", "question_answering")
+# masked_lm: a student trained without NSP, exported without the head that never learned.
+HEADS = ("pretraining", "masked_lm", "classification", "question_answering")
 OUTPUT_NAMES = {"pretraining": ("mlm_logits", "nsp_logits", "hidden_states"),
+                "masked_lm": ("mlm_logits", "hidden_states"),
                 "classification": ("logits",),
                 "question_answering": ("start_logits", "end_logits")}
 QUANTIZATIONS = quantize_lib.QUANTIZATIONS
@@ -61,8 +63,8 @@ def require_onnx_tools() -> None:
 def _hf_directory(cfg: ModelConfig, params: Any, head: str, label_names: Sequence[str] | None,
                   out: str) -> str:
   try:
-    if head == "pretraining":
-      hf_export.save(cfg, params, out)
+    if head in ("pretraining", "masked_lm"):
+      hf_export.save(cfg, params, out, nsp=head == "pretraining")
     else:
       hf_export.save_task(cfg, params, out, head=head, label_names=label_names)
   except ValueError as e:
@@ -100,6 +102,9 @@ def _named_outputs(model, head: str):
         # One [layers + 1, batch, sequence, hidden] tensor: the embedding output, then each layer.
         return (out.prediction_logits, out.seq_relationship_logits,
                 torch.stack(out.hidden_states))
+      if head == "masked_lm":
+        out = self.model(**kw, output_hidden_states=True)
+        return out.logits, torch.stack(out.hidden_states)
       out = self.model(**kw)
       if head == "classification":
         return (out.logits,)

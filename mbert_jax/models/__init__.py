@@ -18,6 +18,13 @@ def _config(model_config) -> ModelConfig:
   return model_config.validate()
 
 
+def config_from_dict(fields) -> ModelConfig | ModernConfig:
+  """A model section or a saved model_config.json: ModernBERT/EuroBERT's (it names its
+  `family`) or the MobileBERT family's. Not validated."""
+  fields = dict(fields)
+  return (ModernConfig if "family" in fields else ModelConfig).from_dict(fields)
+
+
 def build(model_config: ModelConfig | ModernConfig) -> MobileBert | ModernEncoder:
   """The Flax module for a validated config (a ModelConfig or a mapping of its fields; a
   ModernConfig builds the ModernBERT/EuroBERT encoder)."""
@@ -59,7 +66,7 @@ def example_inputs(model_config: ModelConfig, head: str = "pretraining", batch: 
   return (ids, jnp.zeros_like(ids), jnp.ones_like(ids)), {}
 
 
-__all__ = ["HEADS", "build_for", "example_inputs", "ModelConfig", "ModelOutput", "MobileBert", "SequenceClassifier", "SpanExtractor",
+__all__ = ["HEADS", "build_for", "config_from_dict", "example_inputs", "ModelConfig", "ModelOutput", "MobileBert", "SequenceClassifier", "SpanExtractor",
            "build_classifier", "build_span_extractor", "PRESETS", "build", "from_hf_config",
            "preset", "to_hf_config", "MODERN_PRESETS", "ModernConfig", "ModernEncoder",
            "build_modern", "modern_preset"]
