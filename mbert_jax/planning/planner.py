@@ -266,9 +266,13 @@ def suggestion(program: Program, target: Target, headroom: float,
 def schedule(rows: dict[str, Row], entries: list[ScheduleEntry], group: str,
              chips: int) -> dict[str, Any] | None:
   """Hours and chip-hours of one group's stages (steps x projected step time), and the most
-  expensive stage; None without a group, projected hours None when a step time is missing."""
+  expensive stage; None when none of the group's programs was planned, projected hours None
+  when a step time is missing."""
   stages = []
-  for e in (e for e in entries if e.group == group):
+  mine = [e for e in entries if e.group == group]
+  if not any(r in rows for e in mine for r in e.rows):
+    return None  # none of the group's programs planned (--only): nothing to sum
+  for e in mine:
     times = [rows[r].projected_step_seconds if r in rows else None for r in e.rows]
     step = None if any(t is None for t in times) else sum(w * t for w, t in zip(e.weights, times))
     hours = None if step is None else e.steps * step / 3600.0

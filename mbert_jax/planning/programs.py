@@ -32,11 +32,11 @@ from mbert_jax import config_files
 from mbert_jax.data import BATCH_KEYS
 from mbert_jax.data.tokenizer import parse_trained_vocab_size
 from mbert_jax.distill import teacher as teacher_lib
-from mbert_jax.distill import cache_config, cache_format, cache_writer
+from mbert_jax.distill import cache_config, cache_format, cache_writer, micro_teacher
 from mbert_jax.distill import config as distill_config
 from mbert_jax.distill import task as distill_task
 from mbert_jax.finetune import task as ft
-from mbert_jax.models import ModelConfig, build, example_inputs, preset
+from mbert_jax.models import MODERN_PRESETS, ModelConfig, build, example_inputs, modern_preset, preset
 from mbert_jax.models import summary as model_summary
 from mbert_jax.training import optim, sharding
 from mbert_jax.training.state import abstract_state, state_shardings
@@ -165,13 +165,16 @@ def teacher_config(config, preset_name: str) -> tuple[ModelConfig, bool, str]:
   """(architecture, has an MLM head, where it came from): `teacher.checkpoint`'s config file
   when it names a directory, else the model preset."""
   path = str(config.teacher.get("checkpoint", "") or "")
+  if micro_teacher.is_micro(path):  # made in the workdir at run time: its preset is its shape
+    preset_name, path = path[len(micro_teacher.PREFIX):], ""
   if path and os.path.isdir(path):
     cfg = teacher_lib.read_teacher_config(config.teacher)
     has_mlm = True if is_mbert_workdir(path) else _hf_has_mlm_head(path)
     return cfg, has_mlm, path
   if path:
     raise FileNotFoundError(f"teacher.checkpoint = {path!r} is not a directory")
-  cfg = preset(preset_name).replace(compute_dtype=config.teacher.compute_dtype)
+  architecture = modern_preset if preset_name in MODERN_PRESETS else preset
+  cfg = architecture(preset_name).replace(compute_dtype=config.teacher.compute_dtype)
   return cfg, True, f"preset {preset_name}"
 
 
