@@ -59,3 +59,19 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
   outcome = yield
   _fail_skip_in_ci(outcome.get_result())
+
+
+# ---------------------------------------------------------------------------- shared runs
+INT8_DEV_ROWS = 300  # one point of dev accuracy = 3 examples
+
+
+@pytest.fixture(scope="session")
+def sst2_run(tmp_path_factory):
+  """One fine-tuned toy SST-2 run that every int8 export test quantizes (training it once per
+  module cost CI a minute each)."""
+  from export_util import glue_run, write_sst2
+  d = tmp_path_factory.mktemp("sst2_run")
+  data = write_sst2(str(d / "data"), n_train=512, n_dev=INT8_DEV_ROWS, seed=3)
+  workdir = str(d / "run")
+  report = glue_run(workdir, data, steps=60)
+  return {"workdir": workdir, "data": data, "report": report, "root": d}

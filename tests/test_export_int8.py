@@ -15,7 +15,8 @@ import os
 import numpy as np
 import pytest
 
-from export_util import glue_run, run_module, write_sst2
+from conftest import INT8_DEV_ROWS
+from export_util import run_module
 from mbert_jax.interop import export
 from mbert_jax.interop import predict
 from mbert_jax.interop import onnx_export as ox
@@ -25,16 +26,12 @@ pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tenso
               pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-N_DEV = 300  # one point = 3 examples
+N_DEV = INT8_DEV_ROWS
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  d = tmp_path_factory.mktemp("int8")
-  data = write_sst2(str(d / "data"), n_train=512, n_dev=N_DEV, seed=3)
-  workdir = str(d / "run")
-  report = glue_run(workdir, data, steps=60)
-  return {"workdir": workdir, "data": data, "report": report, "root": d}
+def run(sst2_run):
+  return sst2_run
 
 
 def _dev(data_dir: str) -> tuple[list[predict.Example], np.ndarray]:

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import pytest
 
-from export_util import glue_run, init_tree, padded_batch, random_tree, run_module, write_sst2
+from export_util import init_tree, padded_batch, random_tree, run_module
 from mbert_jax.interop import export
 from mbert_jax.interop import onnx_export as ox
 from mbert_jax.interop import predict
@@ -100,17 +100,14 @@ def test_refusals(fp32_graph, tmp_path):
 
 # ---------------------------------------------------------------------------- a fine-tuned run
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  d = tmp_path_factory.mktemp("int8_static")
-  data = write_sst2(str(d / "data"), n_train=512, n_dev=N_DEV, seed=3)
-  workdir = str(d / "run")
-  report = glue_run(workdir, data, steps=60)
-  return {"workdir": workdir, "data": data, "report": report, "root": d}
+def run(sst2_run):
+  return sst2_run
 
 
 @pytest.mark.slow
 def test_static_int8_keeps_accuracy_and_every_variant_predicts(run):
-  root = run["root"]
+  root = run["root"] / "static"  # the run is shared with test_export_int8.py: own outputs
+  root.mkdir(exist_ok=True)
   fp32_dir = str(root / "fp32")
   export.export(run["workdir"], "onnx", fp32_dir)
   fp32_acc, fp32_ids = _accuracy(fp32_dir, run["data"])

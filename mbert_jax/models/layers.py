@@ -10,10 +10,21 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 LAYER_STACK = "encoder/layers/"
+
+
+def scanned_stack(block: type[nn.Module], cfg, length: int, in_axes: tuple) -> type[nn.Module]:
+  """`block` scanned over `length` layers whose params stack on a leading axis named "layers"
+  (what `LAYER_STACK` addresses), rematerialised when `cfg.remat`, unrolled unless
+  `cfg.scan_layers`: every encoder of the family stacks its layers this one way."""
+  return nn.scan(nn.remat(block, static_argnums=()) if cfg.remat else block,
+                 variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                 in_axes=in_axes, length=length, unroll=1 if cfg.scan_layers else length,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 def _key_name(key) -> str:

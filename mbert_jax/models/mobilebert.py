@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mbert_jax.models.config import ModelConfig
+from mbert_jax.models.layers import scanned_stack
 
 Array = jax.Array
 
@@ -337,16 +338,7 @@ class Encoder(nn.Module):
       last, per_layer = self._first_layers(x, mask_bias, deterministic, k, return_qkv,
                                            layer_outputs)
     else:
-      block = nn.remat(Block, static_argnums=()) if cfg.remat else Block
-      scanned = nn.scan(
-          block,
-          variable_axes={"params": 0},
-          split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast,),
-          length=k,
-          unroll=1 if cfg.scan_layers else k,
-          metadata_params={nn.PARTITION_NAME: "layers"},
-      )
+      scanned = scanned_stack(Block, cfg, k, in_axes=(nn.broadcast,))
       last, per_layer = scanned(cfg, deterministic, return_qkv, layer_outputs,
                                 name="layers")(x, mask_bias)
     if not layer_outputs:

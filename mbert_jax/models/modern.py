@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mbert_jax.models.layers import scanned_stack
 from mbert_jax.models.mobilebert import ModelOutput, batch_sharded
 from mbert_jax.models.modern_config import ModernConfig
 
@@ -264,16 +265,7 @@ class Encoder(nn.Module):
       last, per_layer = self._first_layers(x, tables, deterministic, layers, return_qkv,
                                            layer_outputs)
     else:
-      block = nn.remat(PreNormBlock, static_argnums=()) if cfg.remat else PreNormBlock
-      scanned = nn.scan(
-          block,
-          variable_axes={"params": 0},
-          split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, 0),
-          length=k,
-          unroll=1 if cfg.scan_layers else k,
-          metadata_params={nn.PARTITION_NAME: "layers"},
-      )
+      scanned = scanned_stack(PreNormBlock, cfg, k, in_axes=(nn.broadcast, 0))
       last, per_layer = scanned(cfg, deterministic, return_qkv, layer_outputs,
                                 name="layers")(x, tables, layers)
     normed = final_norm(last) if k == total else last
