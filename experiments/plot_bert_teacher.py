@@ -22,6 +22,8 @@ from typing import Any
 TERMS = (("fmt", "feature-map loss (LN0 MSE, projected)"),
          ("at", "Q/K/V relation loss (MiniLMv2, `at`)"),
          ("mean", "mean loss"), ("var", "variance loss"))
+# --attention=per_head: the `at` term is the per-head attention-map KL instead.
+ATTENTION_LABELS = {"relation": TERMS[1][1], "per_head": "attention-map loss (per head, `at`)"}
 
 
 def read_rows(run_dir: str) -> list[dict[str, Any]]:
@@ -119,7 +121,8 @@ def markdown(summaries: list[dict[str, Any]], transfer: list[dict[str, Any]]) ->
   return "\n".join(lines)
 
 
-def plot(student_rows, curves, out: str, pd_start: int | None) -> None:
+def plot(student_rows, curves, out: str, pd_start: int | None, teacher: str = "all-MiniLM-L6-v2",
+         attention: str = "relation", last_stage: str = "ground-truth") -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -127,7 +130,8 @@ def plot(student_rows, curves, out: str, pd_start: int | None) -> None:
   fig, axes = plt.subplots(2, 2, figsize=(12.5, 8.0))
   bounds = phase_bounds(student_rows)
   layers = phase_layers(student_rows)
-  for ax, (term, label) in zip(axes[0], TERMS[:2]):
+  terms = (TERMS[0], (TERMS[1][0], ATTENTION_LABELS[attention]))
+  for ax, (term, label) in zip(axes[0], terms):
     for layer in layers:
       pts = phase_of(student_rows, layer, term)
       if pts:
@@ -148,12 +152,12 @@ def plot(student_rows, curves, out: str, pd_start: int | None) -> None:
         ax.plot(*zip(*pts), style, ms=3.5, label=name)
     if pd_start is not None:
       ax.axvline(pd_start, color="gray", ls="--", lw=0.8)
-      ax.annotate("ground-truth stage starts", (pd_start, ax.get_ylim()[1]), fontsize=8,
+      ax.annotate(f"{last_stage} stage starts", (pd_start, ax.get_ylim()[1]), fontsize=8,
                   color="gray", ha="left", va="top", xytext=(3, -3), textcoords="offset points")
     ax.set_xlabel("step (same budget, data, batch and peak LR)")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
-  axes[1][0].set_title("distilled from all-MiniLM-L6-v2 vs from scratch")
+  axes[1][0].set_title(f"distilled from {teacher} vs from scratch")
   # Before its ground-truth stage the student's MLM head is untrained (loss ~ln V = 10.3):
   # cut the panel to where the runs compete.
   tops = [v for _, rows in curves for s, v in eval_curve(rows, "eval/mlm_loss")
@@ -175,9 +179,14 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="docs/bert_teacher.png")
   p.add_argument("--extra", action="append", default=[],
                  help="label=run_dir: another run on the accuracy and loss panels")
+  p.add_argument("--teacher_name", default="all-MiniLM-L6-v2", help="the teacher, in the title")
+  p.add_argument("--attention", default="relation", choices=sorted(ATTENTION_LABELS),
+                 help="which attention transfer the student's `at` term is")
+  p.add_argument("--last_stage", default="ground-truth",
+                 help="what the student's last stage is (ground-truth, pd), on the marker")
   a = p.parse_args(argv)
   student_dir, scratch_dir = (os.path.join(a.workdir, n) for n in ("student", "scratch"))
-  runs = [("distilled (pkt_tf2 + ground truth)", student_dir), ("scratch", scratch_dir)]
+  runs = [(f"distilled (pkt_tf2 + {a.last_stage})", student_dir), ("scratch", scratch_dir)]
   for spec in a.extra:
     label, sep, path = spec.rpartition("=")
     if not sep:
@@ -191,7 +200,7 @@ def main(argv=None) -> int:
   layers = phase_layers(student_rows)
   bounds = phase_bounds(student_rows)
   pd_start = bounds[len(layers)][1] - 1 if len(bounds) > len(layers) else None
-  plot(student_rows, curves, a.out, pd_start)
+  plot(student_rows, curves, a.out, pd_start, a.teacher_name, a.attention, a.last_stage)
   print(markdown([run_summary(n, d) for n, d in runs], transfer_summary(student_rows)))
   print(a.out)
   return 0
