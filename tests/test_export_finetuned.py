@@ -169,5 +169,6 @@ def test_model_card_names_the_pretraining_run_behind_a_fine_tuned_model(runs, tm
                "  - teacher: runs/ib_bert_large", "  - steps: 280",
                "  - data: builtin:json*, batch 8, sequence 32"):
     assert line in card, line
-  assert "ONNX model (int8, dynamic quantization)" in card
+  assert ("ONNX model (int8, dynamic quantization of the NoNorm-folded graph, "
+          "`--quantize=int8`)") in card
   assert "The int8 model's own figures are not measured" in card
