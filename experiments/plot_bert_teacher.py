@@ -158,14 +158,14 @@ def plot(student_rows, curves, out: str, pd_start: int | None, teacher: str = "a
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
   axes[1][0].set_title(f"distilled from {teacher} vs from scratch")
-  # Before its ground-truth stage the student's MLM head is untrained (loss ~ln V = 10.3):
+  # Before its MLM stage the student's MLM head is untrained (loss ~ln V):
   # cut the panel to where the runs compete.
   tops = [v for _, rows in curves for s, v in eval_curve(rows, "eval/mlm_loss")
           if pd_start is None or s > pd_start]
   if tops:
     lo, hi = min(tops), max(tops)
     axes[1][1].set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-  axes[1][1].set_title("held-out MLM loss (the student's is ~10.3 = ln V before its MLM stage)",
+  axes[1][1].set_title("held-out MLM loss (the student's is ~ln V before its MLM stage)",
                        fontsize=10)
   fig.tight_layout()
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
