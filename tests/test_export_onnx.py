@@ -36,7 +36,7 @@ SHAPES = ((1, 5), (3, 11), (2, 32))
 
 
 def _model(head: str, cfg=STUDENT):
-  if head == "pretraining":
+  if head in ("pretraining", "masked_lm"):  # masked_lm: the same model, exported without NSP
     return build(cfg)
   if head == "classification":
     return build_classifier(cfg, 3, 0.1)
@@ -48,6 +48,9 @@ def _flax_outputs(model, head: str, params, batch) -> dict[str, np.ndarray]:
   out = jax.jit(lambda p, *a: model.apply({"params": p}, *a))(params, *args)
   if head == "pretraining":
     return {"mlm_logits": np.asarray(out.mlm_logits), "nsp_logits": np.asarray(out.nsp_logits),
+            "hidden_states": np.stack([np.asarray(h) for h in out.hidden_states])}
+  if head == "masked_lm":
+    return {"mlm_logits": np.asarray(out.mlm_logits),
             "hidden_states": np.stack([np.asarray(h) for h in out.hidden_states])}
   if head == "classification":
     return {"logits": np.asarray(out)}
