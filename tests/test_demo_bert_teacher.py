@@ -9,6 +9,7 @@ import json
 import os
 
 import pytest
+from train_util import config_strings
 
 from mbert_jax.config_files import substitute_workdir
 
@@ -24,12 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _substitute = substitute_workdir
 
 
-def _strings(cfg):
-  for value in cfg.values():
-    if hasattr(value, "keys"):
-      yield from _strings(value)
-    elif isinstance(value, str):
-      yield value
+_strings = config_strings
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ it needs no teacher on disk (no data, no compile)."""
 import os
 
 import pytest
+from train_util import config_strings
 
 from configs import demo_modernbert_teacher as demo
 from configs import modernbert_teacher
@@ -23,12 +24,7 @@ WORKDIR = "/runs/modernbert_teacher"
 STUDENTS = ("student", "scratch", "control")
 
 
-def _strings(cfg):
-  for value in cfg.values():
-    if hasattr(value, "keys"):
-      yield from _strings(value)
-    elif isinstance(value, str):
-      yield value
+_strings = config_strings
 
 
 @pytest.fixture(scope="module")

@@ -84,3 +84,12 @@ def final_params(workdir: str, step: int | None = None) -> dict[str, np.ndarray]
 def checkpoint_steps(workdir: str) -> list[int]:
   return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
                 if os.path.basename(p).isdigit())
+
+
+def config_strings(cfg):
+  """Every string value of a (nested) config: where an unsubstituted `{workdir}` would hide."""
+  for value in cfg.values():
+    if hasattr(value, "keys"):
+      yield from config_strings(value)
+    elif isinstance(value, str):
+      yield value

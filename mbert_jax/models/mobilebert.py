@@ -22,6 +22,18 @@ from mbert_jax.models.layers import scanned_stack
 Array = jax.Array
 
 
+def check_call(cfg, input_ids: Array, num_layers: int | None) -> None:
+  """What every encoder of the package refuses before tracing: a non-[batch, seq] input, a
+  sequence beyond the position range, a layer count outside the stack."""
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+  if input_ids.shape[1] > cfg.max_position_embeddings:
+    raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
+                     f"{cfg.max_position_embeddings}")
+  if num_layers is not None and not 0 <= num_layers <= cfg.num_hidden_layers:
+    raise ValueError(f"num_layers={num_layers} outside [0, {cfg.num_hidden_layers}]")
+
+
 def batch_sharded(x: Array) -> Array:
   """Pins the leading (example) axis to the mesh axes of the logical "batch" rule when the
   trace runs under logical-axis rules and a mesh (`training.sharding.under_rules`); anywhere
@@ -465,14 +477,7 @@ class MobileBert(nn.Module):
                heads: bool = True, return_qkv: bool = False,
                layer_outputs: bool = True) -> ModelOutput:
     cfg = self.cfg
-    if input_ids.ndim != 2:
-      raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-    if input_ids.shape[1] > cfg.max_position_embeddings:
-      raise ValueError(
-          f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
-          f"{cfg.max_position_embeddings}")
-    if num_layers is not None and not 0 <= num_layers <= cfg.num_hidden_layers:
-      raise ValueError(f"num_layers={num_layers} outside [0, {cfg.num_hidden_layers}]")
+    check_call(cfg, input_ids, num_layers)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     if attention_mask is None:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mbert_jax.models.layers import scanned_stack
-from mbert_jax.models.mobilebert import ModelOutput, batch_sharded
+from mbert_jax.models.mobilebert import ModelOutput, batch_sharded, check_call
 from mbert_jax.models.modern_config import ModernConfig
 
 Array = jax.Array
@@ -390,13 +390,7 @@ class ModernEncoder(nn.Module):
                layer_outputs: bool = True) -> ModelOutput:
     cfg = self.cfg
     del token_type_ids  # no token types in these families
-    if input_ids.ndim != 2:
-      raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-    if input_ids.shape[1] > cfg.max_position_embeddings:
-      raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
-                       f"{cfg.max_position_embeddings}")
-    if num_layers is not None and not 0 <= num_layers <= cfg.num_hidden_layers:
-      raise ValueError(f"num_layers={num_layers} outside [0, {cfg.num_hidden_layers}]")
+    check_call(cfg, input_ids, num_layers)
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
 
