@@ -367,17 +367,19 @@ def run_profiles(args, models) -> dict:
   cfg, _, files, _, _ = models
   shape, threads = args.shapes[0], args.threads[-1]
   batch = make_batch(cfg.vocab_size, *shape)
-  load = load_average()
   print(f"\nONNX Runtime profile, {shape[0]}x{shape[1]}, {threads} thread(s), "
-        f"{args.profile_runs} runs, load average {load:.2f} (kernel time by op type)")
-  if load > 0.5 * (os.cpu_count() or 1):
-    print("BUSY: the shares below hold, the milliseconds are inflated by other jobs")
+        f"{args.profile_runs} runs (kernel time by op type)")
   out = {}
   for name in ("onnxruntime_int8_dynamic", "onnxruntime_int8", "onnxruntime_fp32"):
-    total, rows = profile(files[name], batch, threads, args.profile_runs)
-    out[name] = {"kernel_ms": round(total, 2),
+    with OthersCpu() as others:
+      total, rows = profile(files[name], batch, threads, args.profile_runs)
+    out[name] = {"kernel_ms": round(total, 2), "other_processes_cores": round(others.cores, 3),
                  "ops": {op: [round(ms, 3), n] for op, ms, n in rows}}
-    print(f"\n{name}: {total:.2f} ms of kernel time per run")
+    print(f"\n{name}: {total:.2f} ms of kernel time per run "
+          f"(other processes: {others.cores:.2f} cores)")
+    if others.cores > args.max_others:
+      print(f"BUSY: other processes kept {others.cores:.2f} cores busy (> {args.max_others}): "
+            "the shares below hold, the milliseconds are inflated")
     for op, ms, n in rows[:12]:
       print(f"  {op:<28} {ms:>8.2f} ms {100 * ms / total:>5.1f}%  {n:>4} nodes")
   return out

@@ -40,6 +40,29 @@ def guarded(fn: Callable[..., Any], *args, **kwargs) -> Any:
     fail(_message(e))
 
 
+def _count(value: str | None) -> int:
+  try:
+    return int(value or 0)
+  except ValueError:
+    return 0
+
+
+def cluster_in_environment(environ) -> str:
+  """The variable that names a job of several processes, or "" when none does.
+
+  A variable's presence alone is not enough: a one-task SLURM allocation, a one-rank mpirun or a
+  single TPU VM (`TPU_WORKER_HOSTNAMES=localhost`) is one process, and `jax.distributed` would
+  wait for peers that never come (or refuse with "coordinator_address should be defined")."""
+  for key in ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS"):
+    if environ.get(key):
+      return key
+  for key in ("SLURM_NTASKS", "SLURM_NPROCS", "OMPI_COMM_WORLD_SIZE"):
+    if _count(environ.get(key)) > 1:
+      return key
+  hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  return "TPU_WORKER_HOSTNAMES" if len(hosts) > 1 else ""
+
+
 def maybe_initialize_distributed(dist_cfg) -> None:
   """`jax.distributed.initialize` when the config or the environment names a cluster."""
   # Imported here: commands that never train (sweep --emit / --report) use this module and
@@ -47,9 +70,7 @@ def maybe_initialize_distributed(dist_cfg) -> None:
   import jax
   mode = str(dist_cfg.get("initialize", "auto")).lower()
   explicit = bool(dist_cfg.get("coordinator_address"))
-  env = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                                      "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                                      "MEGASCALE_COORDINATOR_ADDRESS"))
+  env = cluster_in_environment(os.environ)
   if mode in ("false", "0", "off", "never") or (mode == "auto" and not (explicit or env)):
     return
   if dist_cfg.get("cpu_collectives"):

@@ -35,6 +35,7 @@ def forced():
   return proc, record(proc)
 
 
+@pytest.mark.slow
 def test_every_case_is_measured(forced):
   proc, rec = forced
   assert [c["case"] for c in rec["cases"]] == list(SMOKE_CASES)
@@ -60,6 +61,7 @@ def test_every_case_is_measured(forced):
   assert any(l.startswith("what limits MFU") for l in lines)
 
 
+@pytest.mark.slow
 def test_forced_batch_is_kept(forced):
   _, rec = forced
   assert {(c["batch"], c["batch_source"]) for c in rec["cases"]} == {(16, "forced")}

@@ -6,6 +6,7 @@ presets through the loop and the Hugging Face export."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 
 import numpy as np
@@ -161,6 +162,10 @@ def test_modernbert_smoke_preset_distils_without_nsp_and_exports(tmp_path):
   assert report["status"] == "completed"
   teacher_dir = os.path.join(workdir, "micro_teacher")
   assert os.path.isfile(os.path.join(teacher_dir, "tokenizer.json"))
+  # Laid out like a checkpoint from the hub: AutoTokenizer reads its config, not a vocab.txt.
+  with open(os.path.join(teacher_dir, "tokenizer_config.json")) as f:
+    assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
+  assert not os.path.exists(os.path.join(teacher_dir, "vocab.txt"))
   rows = metrics_rows(workdir)
   assert any("kd_loss" in r for r in rows) and any("fmt_loss" in r for r in rows)
   assert not any("nsp_loss" in r or "eval/nsp_accuracy" in r for r in rows)

@@ -17,7 +17,7 @@ import pytest
 
 from train_util import ROOT, final_params, tiny_teacher_config, train_losses
 
-from mbert_jax import launch
+from mbert_jax import cli, launch
 
 STEPS = 3
 
@@ -75,6 +75,7 @@ def _env(devices: int) -> dict:
   return env
 
 
+@pytest.mark.slow
 def test_data_fsdp_tensor_sharding_match_one_device(single_device_run, cache_dir, tmp_path):
   meshes = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "mixed": (2, 2, 2)}
   script = SHARDED_SCRIPT.format(root=ROOT, meshes=meshes, cache=cache_dir, steps=STEPS,
@@ -126,6 +127,25 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("environ, named", [
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "JAX_COORDINATOR_ADDRESS"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, "SLURM_NTASKS"),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_SIZE"),
+    ({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, "TPU_WORKER_HOSTNAMES"),
+    # One process: a one-task SLURM job, a one-rank mpirun, a single TPU VM.
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, ""),
+    ({"SLURM_JOB_ID": "7"}, ""),
+    ({"OMPI_COMM_WORLD_SIZE": "1"}, ""),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, ""),
+    ({}, ""),
+])
+def test_auto_initialize_only_for_a_job_of_several_processes(environ, named):
+  """`distributed.initialize=auto` starts `jax.distributed` only where the environment names
+  peers: a single-host job that merely runs under SLURM or on a TPU VM trains alone."""
+  assert cli.cluster_in_environment(environ) == named
+
+
+@pytest.mark.slow
 def test_two_processes_train_to_the_same_losses(single_device_run, cache_dir, tmp_path):
   workdir = str(tmp_path / "two_procs")
   addr = f"127.0.0.1:{_free_port()}"

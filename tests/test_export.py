@@ -118,6 +118,7 @@ def test_export_names_a_missing_run(tmp_path):
   assert proc.returncode == 2 and "model_config.json" in proc.stderr
 
 
+@pytest.mark.slow
 def test_pretraining_onnx_export_matches_flax(runs, tmp_path):
   """MLM and NSP logits and every hidden state of the ONNX graph, on a padded batch of
   another shape than the traced one, within 1e-4 of the Flax model's largest magnitude."""

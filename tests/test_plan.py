@@ -76,6 +76,15 @@ def test_the_topology_is_the_pod_s(target):
   assert (v3.num_devices, v3.chips, v3.peak_flops) == (8, 4, 123e12 / 2)
 
 
+def test_loading_libtpu_leaves_the_environment_as_it_was(target):
+  """The variables libtpu needs on a host without TPUs are gone once it has loaded: a command
+  started later from this process must not take itself for a pod worker."""
+  before = dict(os.environ)
+  hardware.resolve("v4:2x2x1")
+  assert dict(os.environ) == before
+  assert "TPU_WORKER_HOSTNAMES" not in os.environ or "TPU_WORKER_HOSTNAMES" in before
+
+
 def test_a_row_for_every_program_kind(distill, glue):
   kinds = {r.program.kind for r in distill.rows + glue.rows}
   assert kinds == set(programs.KINDS) - {"transfer"}  # jkt's joint transfer: not in pkt
@@ -242,6 +251,7 @@ def test_without_libtpu_a_tpu_topology_names_the_extra(tmp_path):
   assert 'pip install -e ".[tpu]"' in _one_line_error(proc)
 
 
+@pytest.mark.slow
 def test_command_writes_the_contract_json(tmp_path):
   out = tmp_path / "plan.json"
   proc = _run_cli("--config=configs/ib_bert_large.py:smoke", f"--topology={TOPOLOGY}",

@@ -118,6 +118,7 @@ def test_answers_come_from_the_context(exports, tmp_path):
   assert [row[2] for row in out] == [e.text for e in examples[:2]]
 
 
+@pytest.mark.slow
 def test_bad_inputs_end_with_one_error_line(exports, tmp_path):
   no_tok = str(tmp_path / "no_tokenizer")
   shutil.copytree(exports["sst2_onnx"], no_tok)

@@ -266,6 +266,7 @@ def _rows(sweepdir):
     return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_tiny_sweep_runs_setup_then_selected_runs(tiny_sweep):
   sweepdir, rc, spy = tiny_sweep
   calls = spy.calls
@@ -279,6 +280,7 @@ def test_tiny_sweep_runs_setup_then_selected_runs(tiny_sweep):
   assert not any(os.path.exists(os.path.join(sweepdir, n, "data_cache")) for n in calls)
 
 
+@pytest.mark.slow
 def test_the_shared_teacher_cache_is_written_once_and_read_by_each_run(tiny_sweep):
   sweepdir, _, spy = tiny_sweep
   cache_dir = os.path.join(sweepdir, "teacher_cache")
@@ -298,6 +300,7 @@ def test_the_shared_teacher_cache_is_written_once_and_read_by_each_run(tiny_swee
     assert not final.get("teacher_cache"), name
 
 
+@pytest.mark.slow
 def test_results_table_and_plots(tiny_sweep):
   sweepdir = tiny_sweep[0]
   rows = _rows(sweepdir)
@@ -326,6 +329,7 @@ def test_results_table_and_plots(tiny_sweep):
     assert data[:8] == PNG_MAGIC and len(data) > 10_000, png
 
 
+@pytest.mark.slow
 def test_report_mode_rebuilds_from_disk(tiny_sweep, capsys):
   sweepdir = tiny_sweep[0]
   before = open(os.path.join(sweepdir, "results.csv")).read()
@@ -336,6 +340,7 @@ def test_report_mode_rebuilds_from_disk(tiny_sweep, capsys):
   assert os.path.exists(os.path.join(sweepdir, "loss_curves.png"))
 
 
+@pytest.mark.slow
 def test_report_needs_no_jax(tiny_sweep):
   """`--report` runs where no accelerator stack is installed: the CLI, run as a module in a
   fresh interpreter, rebuilds the table without importing jax."""
@@ -361,6 +366,7 @@ def test_report_needs_no_jax(tiny_sweep):
   assert open(os.path.join(sweepdir, "results.csv")).read() == before
 
 
+@pytest.mark.slow
 def test_rerun_resumes_only_the_unfinished_run(tiny_sweep, monkeypatch):
   sweepdir = tiny_sweep[0]
   finished = {n: os.path.getmtime(os.path.join(sweepdir, n, "final.json"))
@@ -382,6 +388,7 @@ def test_rerun_resumes_only_the_unfinished_run(tiny_sweep, monkeypatch):
   assert {r["name"]: r["status"] for r in _rows(sweepdir)}["scratch"] == "completed"
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_before_anything_is_written(tiny_sweep, capsys):
   sweepdir = tiny_sweep[0]
   manifest = open(os.path.join(sweepdir, rep.MANIFEST)).read()
@@ -397,6 +404,7 @@ def test_changed_config_is_refused_before_anything_is_written(tiny_sweep, capsys
   assert open(os.path.join(sweepdir, rep.MANIFEST)).read() == manifest
 
 
+@pytest.mark.slow
 def test_a_longer_final_stage_extends_a_finished_run(tiny_sweep, monkeypatch):
   """The loop resumes a checkpoint under a longer final stage, so the sweep re-opens a finished
   run whose config asks for one instead of reporting its old result."""

@@ -81,6 +81,7 @@ def test_exact_cache_trains_like_the_online_teacher(online_run, exact_cache, dat
     np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow
 def test_resumed_into_the_cached_stage_the_teacher_is_not_loaded(exact_cache, data_cache, teacher,
                                                                  tmp_path):
   ref = str(tmp_path / "ref")
@@ -98,6 +99,7 @@ def test_resumed_into_the_cached_stage_the_teacher_is_not_loaded(exact_cache, da
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_a_run_started_online_switches_to_the_cache_mid_stage(online_run, exact_cache,
                                                               data_cache, teacher, tmp_path):
   """Where the targets come from is not part of the run's identity (the cache's own key checks

@@ -164,6 +164,7 @@ def test_bad_config_fails_before_compiling(tmp_path, cache_dir):
     launch.task_for(c)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path, cache_dir):
   """Preemption through launch.py: SIGTERM mid-run, rerun, equal to an uninterrupted run."""
   steps = 30
@@ -270,6 +271,7 @@ def test_resume_mid_stage_is_bitwise(pkt_run, tmp_path, cache_dir, teacher_run):
   assert train_losses(cut) == train_losses(pkt_run)
 
 
+@pytest.mark.slow
 def test_a_truncated_phase_updates_only_its_layers_and_equals_the_full_update():
   """`StagePlan.trained` (the first l layers, for truncated phases that reset the optimizer) narrows
   clipping, LAMB, the non-finite guard and the write-back to the first l layer slices. Against

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from mbert_jax.data import bpe
 from mbert_jax.data.builtin_corpus import iter_builtin_documents
+from mbert_jax.data.tokenizer import save_tokenizer
 from mbert_jax.interop import hf_export
 from mbert_jax.models import build, modern_preset
 
@@ -58,7 +59,7 @@ def materialize(spec: str, workdir: str, data_cfg) -> str:
                                masked_positions=jnp.zeros((1, 1), jnp.int32))["params"])
   tmp = directory + ".tmp"
   os.makedirs(tmp, exist_ok=True)
-  tok.save(os.path.join(tmp, "tokenizer.json"))
+  save_tokenizer(tok, tmp)  # the files AutoTokenizer reads, like a checkpoint from the hub
   hf_export.save_modern(cfg, params, tmp)
   os.replace(tmp, directory)
   logging.warning("teacher: a RANDOM micro %s (%s) with a %d-token BPE vocabulary, written to "

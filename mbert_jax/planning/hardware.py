@@ -12,6 +12,7 @@ TensorCore; v4 and v5p chips are one megacore device).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import math
@@ -129,17 +130,29 @@ def parse_target_name(name: str) -> str:
   return name.strip()
 
 
-def _quiet_libtpu(gen: str, chips: int) -> None:
-  """Environment for loading libtpu on a host without TPUs, set before it loads: no metadata
-  server to ask, and no exclusive lock on TPU chips that are not there (another process may
-  hold libtpu too, e.g. a test run)."""
+@contextlib.contextmanager
+def _quiet_libtpu(gen: str, chips: int):
+  """Environment for loading libtpu on a host without TPUs, set while it loads and restored
+  after: no metadata server to ask, and no exclusive lock on TPU chips that are not there
+  (another process may hold libtpu too, e.g. a test run). Restored because these variables
+  name a TPU host to everything started later from this process (`TPU_WORKER_HOSTNAMES` makes
+  a child look like a pod worker to `jax.distributed`)."""
   devices = chips * TPU_CHIPS[gen].devices_per_chip
   cores = chips * 2 if gen in ("v3", "v4", "v5p") else devices
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE",
-                        _ACCELERATOR_TYPE[gen].format(cores=cores, chips=chips))
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  wanted = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+            "TPU_ACCELERATOR_TYPE": _ACCELERATOR_TYPE[gen].format(cores=cores, chips=chips),
+            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+  saved = {k: os.environ.get(k) for k in wanted}
+  for k, v in wanted.items():
+    os.environ.setdefault(k, v)
+  try:
+    yield
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
 
 
 def tpu_target(name: str) -> Target:
@@ -148,15 +161,15 @@ def tpu_target(name: str) -> Target:
     raise ValueError(f"--topology={name} compiles with XLA's TPU compiler, which the libtpu "
                      f"wheel ships: {TPU_EXTRA}")
   chips = math.prod(dims)
-  _quiet_libtpu(gen, chips)
   spelled, kwargs = _LIBTPU[gen]
   host = (2, 2, 1)  # chips per host of every generation here (a 4-chip VM)
   if any(d % h for d, h in zip(dims + (1,) * (3 - len(dims)), host)):
     # A slice smaller than one host (v5e:1x1, a single-chip VM) is one host of its own size.
     kwargs = {**kwargs, "chips_per_host_bounds": tuple(dims) + (1,) * (3 - len(dims))}
   try:
-    devices = topologies.get_topology_desc(f"{spelled}:{'x'.join(map(str, dims))}", "tpu",
-                                           **kwargs).devices
+    with _quiet_libtpu(gen, chips):
+      devices = topologies.get_topology_desc(f"{spelled}:{'x'.join(map(str, dims))}", "tpu",
+                                             **kwargs).devices
   except Exception as e:  # libtpu's refusals come as runtime errors of several types
     raise ValueError(f"topology {name!r}: libtpu refused it ({' '.join(str(e).split())[:300]})"
                      ) from e
