@@ -336,6 +336,33 @@ def test_decode_oracle_logits_recovers_answers_across_windows(tokenizer):
   assert sum(x["probability"] for x in out.nbest["long"]) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("layout", ["modernbert", "eurobert"])
+def test_byte_level_bpe_answers_carry_no_leading_space(layout):
+  """A byte-level BPE folds the space before a word into its token (" France"); the answers
+  read back through the token offsets are the gold text itself, not " France"."""
+  import itertools
+
+  from mbert_jax.data import bpe
+  from mbert_jax.data.builtin_corpus import iter_builtin_documents
+  tok = bpe.train_bpe((d.text for d in itertools.islice(iter_builtin_documents(), 200)), 1024,
+                      layout)
+  ctx = ("The Normans were the people who in the 10th and 11th centuries gave their name to "
+         "Normandy, a region in  France.")
+  answers = ["The Normans", "France", "10th and 11th centuries"]
+  examples = [{"id": str(i), "question": f"What is answer {i}?", "context": ctx,
+               "answers": {"text": [a], "answer_start": [ctx.index(a)]}}
+              for i, a in enumerate(answers)]
+  feats = squad.prepare_squad_features(examples, tok, max_seq_length=64, doc_stride=16,
+                                       max_query_length=16)
+  assert any(ctx[s - 1] == " " for s, e in feats.offsets.reshape(-1, 2) if s > 0)
+  start, end = _zeros(feats)
+  rows = np.arange(len(feats))
+  start[rows, feats.start_positions] = 5.0
+  end[rows, feats.end_positions] = 5.0
+  out = squad.postprocess_squad_predictions(examples, feats, start, end)
+  assert out.predictions == {str(i): a for i, a in enumerate(answers)}
+
+
 def test_decode_skips_invalid_spans(tokenizer):
   ex = {"id": "q", "question": "What?", "context": "alpha beta gamma delta epsilon zeta",
         "answers": {"text": ["gamma"], "answer_start": [11]}}

@@ -259,6 +259,21 @@ def _max_context_owner(spans: list[tuple[int, int]], num_tokens: int) -> np.ndar
   return owner
 
 
+def _without_leading_spaces(offsets: np.ndarray, context: str) -> np.ndarray:
+  """Character spans that start at the token's first visible character.
+
+  A byte-level BPE (ModernBERT's, EuroBERT's) folds the space before a word into the word's
+  token (`" France"`), and its offsets cover that space unless the tokenizer's post-processor
+  trims them, which a tokenizer.json need not ask for. Answers read back through untrimmed
+  offsets would start with a space; WordPiece offsets have none to trim."""
+  out = offsets.copy()
+  for i, (start, end) in enumerate(offsets):
+    while start < end - 1 and context[start].isspace():
+      start += 1
+    out[i, 0] = start
+  return out
+
+
 def _answer_token_span(offsets: np.ndarray, start_char: int, end_char: int
                        ) -> tuple[int, int] | None:
   """First and last context token overlapping [start_char, end_char), or None."""
@@ -314,7 +329,8 @@ def prepare_squad_features(examples: Any, tokenizer, max_seq_length: int = 384,
     query_ids = questions[e].ids[:max_query_length]
     enc = context_encodings[context]
     doc_ids = np.asarray(enc.ids, dtype=np.int32)
-    doc_offsets = np.asarray(enc.offsets, dtype=np.int32).reshape(-1, 2)
+    doc_offsets = _without_leading_spaces(
+        np.asarray(enc.offsets, dtype=np.int32).reshape(-1, 2), context)
     max_tokens = max_seq_length - len(query_ids) - 3
     if max_tokens < 1:
       raise ValueError(f"max_seq_length {max_seq_length} leaves no room for context after a "
