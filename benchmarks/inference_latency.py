@@ -4,9 +4,12 @@ against ONNX Runtime fp32, the jitted Flax model and PyTorch's CPU paths; file s
 
     python benchmarks/inference_latency.py [--preset=mobilebert] [--shapes=1x128,8x128,1x384]
         [--threads=1,2] [--rounds=15] [--calls=5] [--contenders=...] [--profile]
-        [--allow_busy] [--out=DIR]
+        [--run=WORKDIR] [--allow_busy] [--out=DIR]
 
-One process, one set of random weights (latency does not depend on their values): the Flax
+One process, one set of random weights (latency does not depend on their values), or with
+--run a fine-tuned GLUE classification run's own weights, whose dev set then scores every
+contender: the accuracy is printed next to the latency, so a fast variant that lost the task
+shows it. The Flax
 classifier's params go through `mbert_jax.interop.onnx_export` (Hugging Face model ->
 torch.onnx -> fp32 .onnx) and `mbert_jax.interop.quantize` (the `--quantize` variants int8 and
 int8_dynamic), and `onnx_export.torch_model` gives the same weights in
@@ -70,6 +73,9 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--preset", default="mobilebert")
   p.add_argument("--num_labels", type=int, default=2)
+  p.add_argument("--run", default="",
+                 help="a fine-tuned GLUE classification workdir: time its weights and score "
+                      "every contender on its dev set (replaces --preset/--num_labels)")
   p.add_argument("--shapes", default="1x128,8x128,1x384", help="batch x sequence, comma-separated")
   p.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
   p.add_argument("--rounds", type=int, default=15)
@@ -198,11 +204,15 @@ def build_models(args):
   from mbert_jax.interop import quantize as qz
   from mbert_jax.models import build_classifier, preset
 
-  cfg = preset(args.preset).replace(compute_dtype="float32")
-  model = build_classifier(cfg, args.num_labels, 0.0)
-  ids = np.zeros((1, 8), np.int32)
-  params = jax.jit(lambda k: nn.unbox(model.init(k, ids, ids, ids)["params"]))(jax.random.key(0))
-  params = jax.tree.map(np.asarray, params)
+  if args.run:
+    cfg, params = args.dev.cfg, args.dev.params
+  else:
+    cfg = preset(args.preset).replace(compute_dtype="float32")
+    model = build_classifier(cfg, args.num_labels, 0.0)
+    ids = np.zeros((1, 8), np.int32)
+    params = jax.jit(lambda k: nn.unbox(model.init(k, ids, ids, ids)["params"]))(
+        jax.random.key(0))
+    params = jax.tree.map(np.asarray, params)
   out = args.out or tempfile.mkdtemp(prefix="mbert_latency_")
   t0 = time.perf_counter()
   info = ox.export(cfg, params, "classification", os.path.join(out, "fp32"))
@@ -222,6 +232,10 @@ def build_models(args):
   return cfg, params, files, torch_models, details
 
 
+def num_labels(args) -> int:
+  return args.dev.num_labels if args.run else args.num_labels
+
+
 def contenders_for(args, cfg, params, files, torch_models, batch, threads):
   import torch
   torch.set_num_threads(threads)
@@ -230,7 +244,7 @@ def contenders_for(args, cfg, params, files, torch_models, batch, threads):
     if name in files:
       made[name] = onnx_contender(files[name], threads, batch)
     elif name == "flax_jit":
-      made[name] = flax_contender(cfg, args.num_labels, params, batch)
+      made[name] = flax_contender(cfg, num_labels(args), params, batch)
     else:
       made[name] = torch_contender(torch_models[name], batch, bf16=name == "torch_bf16")
   return made
@@ -330,6 +344,78 @@ def print_table(r: dict) -> None:
           f"(aim {aim:.0f}x: {'met' if x >= aim else 'not met'})")
 
 
+# ---------------------------------------------------------------------------- a run's dev set
+class DevSet:
+  """A fine-tuned GLUE classification run: its weights, and its dev set encoded as the run
+  encoded it (its tokenizer, casing and sequence length)."""
+
+  def __init__(self, workdir: str):
+    from mbert_jax.data.tokenizer import FINETUNE_SPECIAL_TOKENS, load_tokenizer
+    from mbert_jax.finetune import glue
+    from mbert_jax.interop import model_source
+    source = model_source.locate(workdir, setting="--run", runs_only=True)
+    task = source.task or {}
+    if task.get("kind") != "glue" or int(task.get("num_labels", 0)) < 2:
+      what = (f"a {task.get('kind')} run with {task.get('num_labels')} label(s)" if task
+              else "a pretraining run")
+      raise ValueError(f"--run={workdir} is {what}; it takes a fine-tuned GLUE classification "
+                       "run, whose dev accuracy scores the contenders")
+    data = (source.run_config.get("task") or {}).get("data")
+    if not data or not os.path.isdir(str(data)):
+      raise ValueError(f"--run={workdir} read its data from {data or 'the hub'}, not a local "
+                       "directory this benchmark can score on")
+    if not source.tokenizer_dir:
+      raise ValueError(f"--run={workdir} has no tokenizer/ to encode its dev set with")
+    spec = glue.get_task(task["task"])
+    rows = glue.load_glue(spec, data, spec.eval_splits[0])
+    texts = [[r[f] for r in rows] for f in spec.text_fields]
+    lower = bool((source.run_config.get("data") or {}).get("lower_case", True))
+    tokenizer = load_tokenizer(source.tokenizer_dir, lower_case=lower,
+                               require=FINETUNE_SPECIAL_TOKENS, setting="--run")
+    self.arrays = {k: np.asarray(v, np.int64) for k, v in glue.encode_pairs(
+        tokenizer, texts[0], texts[1] if len(texts) > 1 else None,
+        int(task["max_seq_length"])).items() if k in INPUT_NAMES}
+    self.labels = np.asarray([r["label"] for r in rows], np.int64)
+    self.task, self.num_labels = spec.name, int(task["num_labels"])
+    self.cfg = source.model_config.replace(compute_dtype="float32")
+    self.params = model_source.load(source, purpose="benchmark").params
+    self.reported = (source.report or {}).get("eval", {}).get("eval/validation/accuracy")
+
+
+INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
+DEV_BATCH = 32
+
+
+def dev_accuracy(args, models, threads: int) -> dict[str, float]:
+  """Each contender's accuracy on the run's dev set, in batches of DEV_BATCH rows (the last one
+  padded with copies of row 0 and its extra rows dropped: one shape per contender)."""
+  cfg, params, files, torch_models, _ = models
+  dev: DevSet = args.dev
+  n = len(dev.labels)
+  chunks = []
+  for start in range(0, n, DEV_BATCH):
+    idx = np.arange(start, start + DEV_BATCH)
+    idx[idx >= n] = 0
+    chunks.append(({k: v[idx] for k, v in dev.arrays.items()}, min(DEV_BATCH, n - start)))
+  predictions = {name: [] for name in args.contenders}
+  for batch, keep in chunks:
+    for name, fn in contenders_for(args, cfg, params, files, torch_models, batch,
+                                   threads).items():
+      predictions[name].append(np.argmax(np.asarray(fn()), -1)[:keep])
+  return {name: round(float(np.mean(np.concatenate(p) == dev.labels)), 4)
+          for name, p in predictions.items()}
+
+
+def print_accuracy(result: dict) -> None:
+  dev = result["dev"]
+  print(f"\ndev accuracy, {dev['task']} ({dev['rows']} rows; the run reported "
+        f"{dev['run_reported']})")
+  base = dev["accuracy"]["onnxruntime_fp32"] if "onnxruntime_fp32" in dev["accuracy"] else None
+  for name, acc in dev["accuracy"].items():
+    delta = "" if base is None else f"  ({100 * (acc - base):+.2f} points vs ONNX fp32)"
+    print(f"  {name:<26} {acc:.4f}{delta}")
+
+
 # ---------------------------------------------------------------------------- profile
 def profile(path: str, batch, threads: int, runs: int) -> tuple[float, list]:
   """(ms per run, [(op type, ms per run, nodes)]) from ONNX Runtime's profiler."""
@@ -393,13 +479,25 @@ def main(argv=None) -> dict:
     args.contenders.remove("torch_bf16")
   print(f"CPU flags: {', '.join(flags) or 'none of ' + ', '.join(CPU_FLAGS)}; "
         f"{os.cpu_count()} cores; load average {load_average():.2f}", flush=True)
+  if args.run:
+    try:  # before any export: a wrong workdir costs nothing
+      args.dev = DevSet(args.run)
+    except (ValueError, FileNotFoundError) as e:
+      print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+      sys.exit(2)
   models = build_models(args)
   files, details = models[2], models[4]
   sizes = {n: os.path.getsize(p) for n, p in files.items()}
-  result = {"preset": args.preset, "cpu_flags": flags, "cores": os.cpu_count(),
+  result = {"preset": args.preset if not args.run else None, "run": args.run or None,
+            "cpu_flags": flags, "cores": os.cpu_count(),
             "rounds": args.rounds, "calls_per_round": args.calls, "bytes": sizes,
             "int8_size_ratio": round(sizes[OURS] / sizes["onnxruntime_fp32"], 3),
             "export": details}
+  if args.run:
+    result["dev"] = {"task": args.dev.task, "rows": int(len(args.dev.labels)),
+                     "run_reported": args.dev.reported,
+                     "accuracy": dev_accuracy(args, models, args.threads[-1])}
+    print_accuracy(result)
   if args.profile:
     result["profile"] = run_profiles(args, models)
     print(json.dumps(result))
