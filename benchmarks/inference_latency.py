@@ -66,6 +66,7 @@ TOLERANCE = {"onnxruntime_fp32": 1e-3, "flax_jit": 1e-3, "torch_eager": 0.0,
              "onnxruntime_int8": 0.25, "onnxruntime_int8_dynamic": 0.25,
              "torch_dynamic_int8": 0.25, "torch_bf16": 0.25}
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
@@ -160,7 +161,11 @@ def make_batch(vocab: int, batch: int, seq: int) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------- contenders
-def flax_contender(cfg, num_labels: int, params, batch):
+# Each contender is built once (session, jitted function, torch model) and bound to a batch by
+# the function it returns: `bind(batch)` prepares the inputs outside the timed call and gives
+# the zero-argument call that is timed. The dev-set scoring binds the same contender to many
+# batches without a new session or a recompile.
+def flax_contender(cfg, num_labels: int, params):
   import jax
   import jax.numpy as jnp
 
@@ -168,30 +173,37 @@ def flax_contender(cfg, num_labels: int, params, batch):
   model = build_classifier(cfg, num_labels, 0.0)
   fn = jax.jit(lambda p, i, t, m: model.apply({"params": p}, i, t, m))
   dev_params = jax.device_put(params)
-  args = [jnp.asarray(batch[k], jnp.int32) for k in ("input_ids", "token_type_ids",
-                                                      "attention_mask")]
-  return lambda: np.asarray(jax.block_until_ready(fn(dev_params, *args)))
+
+  def bind(batch):
+    args = [jnp.asarray(batch[k], jnp.int32) for k in INPUT_NAMES]
+    return lambda: np.asarray(jax.block_until_ready(fn(dev_params, *args)))
+
+  return bind
 
 
-def torch_contender(model, batch, bf16: bool = False):
+def torch_contender(model, bf16: bool = False):
   import contextlib
 
   import torch
-  inputs = {k: torch.tensor(v) for k, v in batch.items()}
 
-  def call():
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if bf16
-                else contextlib.nullcontext())
-    with torch.inference_mode(), autocast:
-      return model(**inputs).logits.float().numpy()
+  def bind(batch):
+    inputs = {k: torch.tensor(v) for k, v in batch.items()}
 
-  return call
+    def call():
+      autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if bf16
+                  else contextlib.nullcontext())
+      with torch.inference_mode(), autocast:
+        return model(**inputs).logits.float().numpy()
+
+    return call
+
+  return bind
 
 
-def onnx_contender(path: str, threads: int, batch):
+def onnx_contender(path: str, threads: int):
   from mbert_jax.interop import onnx_export as ox
   sess = ox.session(path, threads)
-  return lambda: ox.run_session(sess, batch)["logits"]
+  return lambda batch: lambda: ox.run_session(sess, batch)["logits"]
 
 
 def build_models(args):
@@ -236,17 +248,18 @@ def num_labels(args) -> int:
   return args.dev.num_labels if args.run else args.num_labels
 
 
-def contenders_for(args, cfg, params, files, torch_models, batch, threads):
+def contenders_for(args, cfg, params, files, torch_models, threads):
+  """{name: bind(batch) -> timed call} for every contender, built once for `threads`."""
   import torch
   torch.set_num_threads(threads)
   made = {}
   for name in args.contenders:
     if name in files:
-      made[name] = onnx_contender(files[name], threads, batch)
+      made[name] = onnx_contender(files[name], threads)
     elif name == "flax_jit":
-      made[name] = flax_contender(cfg, num_labels(args), params, batch)
+      made[name] = flax_contender(cfg, num_labels(args), params)
     else:
-      made[name] = torch_contender(torch_models[name], batch, bf16=name == "torch_bf16")
+      made[name] = torch_contender(torch_models[name], bf16=name == "torch_bf16")
   return made
 
 
@@ -294,7 +307,8 @@ def summary(ts: list[float]) -> dict[str, float]:
 def measure(args, models, shape, threads) -> dict:
   cfg, params, files, torch_models, _ = models
   batch = make_batch(cfg.vocab_size, *shape)
-  contenders = contenders_for(args, cfg, params, files, torch_models, batch, threads)
+  contenders = {name: bind(batch) for name, bind in
+                contenders_for(args, cfg, params, files, torch_models, threads).items()}
   errors = check_outputs(contenders)
   for fn in contenders.values():
     fn()
@@ -397,7 +411,6 @@ class DevSet:
     self.reported = (source.report or {}).get("eval", {}).get("eval/validation/accuracy")
 
 
-INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 DEV_BATCH = 32
 
 
@@ -412,11 +425,11 @@ def dev_accuracy(args, models, threads: int) -> dict[str, float]:
     idx = np.arange(start, start + DEV_BATCH)
     idx[idx >= n] = 0
     chunks.append(({k: v[idx] for k, v in dev.arrays.items()}, min(DEV_BATCH, n - start)))
-  predictions = {name: [] for name in args.contenders}
+  contenders = contenders_for(args, cfg, params, files, torch_models, threads)
+  predictions = {name: [] for name in contenders}
   for batch, keep in chunks:
-    for name, fn in contenders_for(args, cfg, params, files, torch_models, batch,
-                                   threads).items():
-      predictions[name].append(np.argmax(np.asarray(fn()), -1)[:keep])
+    for name, bind in contenders.items():
+      predictions[name].append(np.argmax(np.asarray(bind(batch)()), -1)[:keep])
   return {name: round(float(np.mean(np.concatenate(p) == dev.labels)), 4)
           for name, p in predictions.items()}
 
